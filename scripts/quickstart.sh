@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets everything up, then runs the main job: the embedded benchmark (aligned SmolLM2-135M-Instruct,
+# Medical -> Legal -> Code) with Standard LoRA and SafeAnchor side by side. Rerunning resumes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/safeanchor run --preset quickstart --method "${METHODS:-standard,safeanchor}" --out "${OUT:-runs/quickstart}" "$@"

@@ -1,0 +1,146 @@
+"""The `safeanchor` command. Every user error is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import SafeAnchorError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SafeAnchorError(f"--set expects key=value (e.g. train.lr=1e-4), got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _config(args, extra: dict | None = None):
+    from .config import load_config
+
+    over = _overrides(getattr(args, "set", None))
+    over.update(extra or {})
+    if not args.preset and not args.config:
+        raise SafeAnchorError("give --preset NAME (see `safeanchor presets`) or --config FILE")
+    return load_config(args.preset, args.config, over)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run
+    from .report import compare
+
+    methods = [m.strip() for m in (args.method or "").split(",") if m.strip()] or [None]
+    seeds = [int(s) for s in str(args.seed).split(",")] if args.seed is not None else [None]
+    out = Path(args.out or f"runs/{args.preset or Path(args.config).stem}")
+    runs = {}
+    for method in methods:
+        for seed in seeds:
+            extra = {}
+            if method:
+                extra["method"] = method
+            if seed is not None:
+                extra["seed"] = seed
+            cfg = _config(args, extra)
+            run_dir = out if len(methods) * len(seeds) == 1 else out / f"{cfg.method}-seed{cfg.seed}"
+            print(f"== {cfg.method} seed {cfg.seed} -> {run_dir}", flush=True)
+            runs[(cfg.method, cfg.seed)] = run(cfg, run_dir)
+    if len(runs) > 1:
+        path = compare(out, runs)
+        print(Path(path).read_text())
+    else:
+        print((out / "results.md").read_text())
+    return 0
+
+
+def cmd_align(args) -> int:
+    from .align import aligned_dir, ensure_aligned, export_artifact
+
+    cfg = _config(args)
+    if args.export:
+        cfg.align.artifact = ""
+        command = "safeanchor align " + " ".join(sys.argv[2:])
+        path = export_artifact(cfg, Path(args.export), command)
+        print(f"alignment adapter exported to {path}")
+        return 0
+    base = ensure_aligned(cfg, force=args.force)
+    print(f"aligned base: {base}")
+    print((aligned_dir(cfg) / "ALIGNMENT.json").read_text())
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from dataclasses import MISSING, fields
+
+    from .methods import METHODS, load_all
+
+    load_all()
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        print(f"{name:12s} {cls.summary}\n{'':12s} paper: {cls.paper}")
+        for f in fields(cls.config_cls):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            print(f"{'':14s}{f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import list_presets
+
+    print("\n".join(list_presets()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safeanchor", description="Safety-preserving continual LoRA adaptation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def config_args(sp):
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--preset", help="a shipped preset (see `safeanchor presets`)")
+        g.add_argument("--config", help="a YAML config file (RunConfig fields)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")
+
+    r = sub.add_parser("run", help="sequential run over the configured domains (resumes in --out)")
+    config_args(r)
+    r.add_argument("--method", help="method name, or a comma list to compare (see `safeanchor methods`)")
+    r.add_argument("--seed", help="seed, or a comma list")
+    r.add_argument("--out", help="run directory (default runs/<preset>); rerunning resumes it")
+    r.set_defaults(func=cmd_run)
+
+    a = sub.add_parser("align", help="build (or show) the cached safety-aligned base")
+    config_args(a)
+    a.add_argument("--force", action="store_true", help="rebuild even if cached")
+    a.add_argument("--export", help="train (if needed) and copy the alignment adapter here as an artifact")
+    a.set_defaults(func=cmd_align)
+
+    sub.add_parser("methods", help="list methods with their papers and options").set_defaults(func=cmd_methods)
+    sub.add_parser("presets", help="list shipped presets").set_defaults(func=cmd_presets)
+    try:
+        from .suite.cli import add_eval_parser
+
+        add_eval_parser(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SafeAnchorError as exc:
+        print(f"safeanchor: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safeanchor: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

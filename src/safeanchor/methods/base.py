@@ -1,0 +1,116 @@
+"""The method interface: every method is a few overridden hooks of one training sequence.
+
+The sequence (pipeline.py) calls, for a run over domains 1..T::
+
+    prepare(ctx)                                   once, before domain 1   (Vaccine, SSI, EWC Fisher)
+    for t, domain:
+        examples = domain_data(ctx, t, domain, examples)                  (Interleaving)
+        before_domain(ctx, t, domain)                                      (O-LoRA: new adapter)
+        every optimizer step (train.py):
+            compute_grads(ctx, micro_batches)  -> loss + penalty(ctx), backward   (Vaccine overrides)
+            rewrite_gradients(ctx)             between backward and step   (OSCA, SafeGrad)
+            optimizer.step()
+            after_step(ctx, before)            sees the parameter update   (update projection)
+        after_domain(ctx, t, domain) -> records                           (Safe LoRA, CSM, SSI update)
+
+A method is a config dataclass (every field with help text and the paper's default), a subclass of
+``Method`` and one ``@register`` line. Its state for resuming is ``state_dict`` / ``load_state_dict``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..data.chat import mean_token_nll
+from ..errors import SafeAnchorError
+
+
+@dataclass
+class MethodConfig:
+    """Options of a method; subclasses add fields with ``metadata={"help": ...}``."""
+
+
+class Method:
+    name = "base"
+    paper = ""
+    summary = ""
+    config_cls = MethodConfig
+
+    def __init__(self, options: MethodConfig):
+        self.options = options
+
+    # -- lifecycle hooks (no-ops by default) --------------------------------------------------------
+    def prepare(self, ctx) -> dict:
+        return {}
+
+    def domain_data(self, ctx, t: int, domain: str, examples: list[dict]) -> list[dict]:
+        return examples
+
+    def before_domain(self, ctx, t: int, domain: str) -> None:
+        pass
+
+    def penalty(self, ctx) -> torch.Tensor | None:
+        return None
+
+    def compute_grads(self, ctx, micro_batches: list[dict]) -> dict:
+        """Accumulate gradients of mean(task loss) + penalty over the micro-batches; return logs."""
+        n = len(micro_batches)
+        task_total, pen_total = 0.0, 0.0
+        for batch in micro_batches:
+            task = mean_token_nll(ctx.model, batch)
+            pen = self.penalty(ctx)
+            loss = task if pen is None else task + pen
+            ctx.check_finite(loss, "training loss")
+            ctx.backward(loss / n)
+            task_total += task.item() / n
+            pen_total += 0.0 if pen is None else pen.item() / n
+        logs = {"loss": task_total}
+        if pen_total:
+            logs["penalty"] = pen_total
+        return logs
+
+    def rewrite_gradients(self, ctx) -> dict:
+        return {}
+
+    def after_step(self, ctx, before: dict[str, torch.Tensor] | None) -> dict:
+        return {}
+
+    wants_update = False  # set True to receive parameter values before the step in after_step
+
+    def after_domain(self, ctx, t: int, domain: str) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, ctx) -> None:
+        """Restore ``state_dict()`` output; ``ctx.model`` is the freshly built model of the resumed run
+        (a method that adds adapters or changes weights re-creates that structure here)."""
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_options(cls: type[Method], options: dict):
+    valid = {f.name for f in fields(cls.config_cls)}
+    unknown = set(options) - valid
+    if unknown:
+        raise SafeAnchorError(f"unknown option(s) {sorted(unknown)} for method {cls.name!r}; valid: "
+                              f"{sorted(valid) or 'none'} (see `safeanchor methods`)")
+    return cls.config_cls(**options)
+
+
+def get_method(name: str, options: dict | None = None) -> Method:
+    from . import load_all
+
+    load_all()
+    if name not in METHODS:
+        raise SafeAnchorError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    return cls(method_options(cls, options or {}))

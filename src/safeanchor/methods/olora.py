@@ -1,0 +1,162 @@
+"""O-LoRA (Wang et al., EMNLP Findings 2023, arXiv:2310.14152): one LoRA per domain, orthogonal row spaces.
+
+Rule. Domain 1 trains the run's adapter ("default"). Before domain t >= 2 a fresh adapter
+``domain<t>`` (r, alpha, targets, dropout from ``cfg.lora``; PEFT init: A Kaiming-uniform, B = 0)
+is added; every earlier adapter stays active (the forward sums s B_i A_i over all of them, each
+with its own s = alpha / r) and frozen. The loss is
+
+    L = L_task + lambda1 * sum_modules sum_jk |(A_old A_t^T)_jk|  +  lambda2 * sum_{new tensors} ||theta||_F
+
+with A_old = [A_1; ...; A_{t-1}] (r (t-1) x d_in) the frozen factors of the same module and A_t the
+trained one. In PEFT's convention ``lora_A`` spans the input (row) space, so the term pushes each
+domain's update into input directions the earlier domains did not use (methods-notes 3(a)).
+
+Choices the paper leaves open, as options:
+- ``orth_norm``: "l1" (default) sums |entries| as the official code (cmnfriend/O-LoRA
+  ``uie_trainer_lora.py``) does; "squared" sums squared entries as the paper writes it.
+- ``lambda1`` 0.5 and ``lambda2`` 0 are the official scripts' defaults. The L1 term is a raw sum over
+  r^2 (t-1) entries per module and every module: it can be thousands of times the token loss on a large
+  model (O-LoRA#33); every step logs ``penalty`` so lambda1 can be swept, nothing is normalised here.
+- lambda2 penalises the plain (not squared) Frobenius norm of each trained tensor, as the code does;
+  it also applies in domain 1 (the official code's first task has no orthogonality term but the L2
+  term is active).
+- Old adapters are kept as separate PEFT adapters instead of being concatenated into one growing
+  adapter (the official code's rank r_sum); the forward is identical (concatenation of [B_i] and
+  [A_i] with a shared scaling is the sum of the adapters) and ``disable_adapter()`` still gives
+  the aligned base. The official LLaMA scripts use lr 1e-3 for task 1 and 1e-4 afterwards; here every
+  domain uses ``train.lr`` like the other methods (the method interface has no per-domain lr).
+
+Cost: the number of stored LoRA parameters grows linearly with the domains (effective rank r t);
+``after_domain`` records the trained and stored counts, and each ``adapters/<t>-<domain>`` directory
+holds every adapter so far (``default`` at the top, ``domain<k>/`` subfolders): load them all and
+activate them together (``model.base_model.set_adapter([...])``) to reproduce the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import subspace as ss
+from ..errors import SafeAnchorError
+from .base import Method, MethodConfig, register
+
+
+def _h(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class OLoRAConfig(MethodConfig):
+    lambda1: float = _h(0.5, "weight of the orthogonality term (official scripts: 0.5)")
+    lambda2: float = _h(0.0, "weight of the Frobenius norm of the trained adapter's tensors (official scripts: 0)")
+    orth_norm: str = _h("l1", "'l1': sum |(A_old A_t^T)_jk| (official code) or 'squared': sum of squares (paper)")
+
+
+def adapter_name(t: int) -> str:
+    """The adapter trained in domain t (1-based): the run's "default" first, then one per domain."""
+    return "default" if t == 1 else f"domain{t}"
+
+
+def orthogonality(old: list[torch.Tensor], new: torch.Tensor, norm: str = "l1") -> torch.Tensor:
+    """sum_jk |(A_old A_new^T)_jk| (norm "l1") or sum of squares ("squared"); A_old = cat(old) rows."""
+    prod = torch.cat([a.detach() for a in old]) @ new.T
+    if norm == "l1":
+        return prod.abs().sum()
+    if norm == "squared":
+        return prod.pow(2).sum()
+    raise SafeAnchorError(f"unknown orth_norm {norm!r}; use l1 or squared")
+
+
+@register
+class OLoRA(Method):
+    name = "olora"
+    paper = "Wang et al., Orthogonal Subspace Learning for Language Model Continual Learning (EMNLP Findings 2023)"
+    summary = "a new LoRA per domain, earlier ones frozen, L1 orthogonality of lora_A to the earlier ones"
+    config_cls = OLoRAConfig
+
+    def __init__(self, options):
+        super().__init__(options)
+        if options.orth_norm not in ("l1", "squared"):
+            raise SafeAnchorError(f"unknown orth_norm {options.orth_norm!r}; use l1 or squared")
+        self.adapters: list[str] = ["default"]  # in domain order; the last one is trained
+        self.records: list[dict] = []
+
+    # -- adapters ---------------------------------------------------------------------------------------
+    def _ensure(self, ctx, names: list[str]) -> None:
+        """Create missing adapters, activate all of ``names``, train only the last one."""
+        from ..models import peft_lora_config
+
+        model = ctx.model
+        for name in names:
+            if name not in model.peft_config:
+                model.add_adapter(name, peft_lora_config(ctx.cfg.lora))
+                ref = next(iter(ss.lora_modules(model, "default").values()))[0].weight
+                for a, b in ss.lora_modules(model, name).values():
+                    a.to(ref.dtype)
+                    b.to(ref.dtype)
+        model.base_model.set_adapter(list(names))  # PEFT marks every active adapter trainable ...
+        self.adapters = list(names)
+        self._freeze(ctx)  # ... so freeze the earlier ones again
+
+    def _freeze(self, ctx) -> None:
+        """requires_grad only on the trained adapter. PEFT re-enables every active adapter's grads when
+        it leaves ``disable_adapter()``; this runs before every step so the flags cannot drift."""
+        trained = self.adapters[-1]
+        for name in self.adapters:
+            for a, b in ss.lora_modules(ctx.model, name).values():
+                a.weight.requires_grad_(name == trained)
+                b.weight.requires_grad_(name == trained)
+
+    def before_domain(self, ctx, t: int, domain: str) -> None:
+        self._ensure(ctx, [adapter_name(k) for k in range(1, t + 1)])
+
+    # -- loss -------------------------------------------------------------------------------------------
+    def penalty(self, ctx) -> torch.Tensor | None:
+        o = self.options
+        trained = self.adapters[-1]
+        new = ss.lora_modules(ctx.model, trained)
+        old = [ss.lora_modules(ctx.model, n) for n in self.adapters[:-1]]
+        total = None
+        if old and o.lambda1:
+            orth = sum(orthogonality([m[name][0].weight for m in old], a.weight, o.orth_norm)
+                       for name, (a, _) in new.items())
+            total = o.lambda1 * orth
+        if o.lambda2:
+            l2 = sum(a.weight.norm() + b.weight.norm() for a, b in new.values())
+            total = o.lambda2 * l2 if total is None else total + o.lambda2 * l2
+        return total
+
+    def compute_grads(self, ctx, micro_batches: list[dict]) -> dict:
+        self._freeze(ctx)
+        return super().compute_grads(ctx, micro_batches)
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def after_domain(self, ctx, t: int, domain: str) -> dict:
+        counts = {}
+        for name in self.adapters:
+            counts[name] = sum(a.weight.numel() + b.weight.numel() for a, b in ss.lora_modules(ctx.model, name).values())
+        rec = {"adapter": self.adapters[-1], "adapters": len(self.adapters),
+               "trainable_params": counts[self.adapters[-1]], "stored_params": sum(counts.values()),
+               "effective_rank": ctx.cfg.lora.r * len(self.adapters)}
+        if len(self.adapters) > 1:
+            with torch.no_grad():
+                rec["orthogonality"] = float(self.penalty_terms(ctx))
+        self.records.append(rec)
+        return rec
+
+    def penalty_terms(self, ctx) -> torch.Tensor:
+        """The un-weighted orthogonality term of the trained adapter against the earlier ones."""
+        new = ss.lora_modules(ctx.model, self.adapters[-1])
+        old = [ss.lora_modules(ctx.model, n) for n in self.adapters[:-1]]
+        return sum(orthogonality([m[name][0].weight for m in old], a.weight, self.options.orth_norm)
+                   for name, (a, _) in new.items())
+
+    def state_dict(self) -> dict:
+        return {"adapters": list(self.adapters), "records": list(self.records)}
+
+    def load_state_dict(self, state: dict, ctx) -> None:
+        """Re-create the adapters of the saved point (random values; the pipeline copies the saved
+        LoRA tensors in by name right after this call). Idempotent: existing adapters are kept."""
+        self.records = list(state.get("records", []))
+        self._ensure(ctx, list(state.get("adapters", ["default"])))

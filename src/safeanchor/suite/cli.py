@@ -1,0 +1,148 @@
+"""``safeanchor eval``: run evaluation tasks on a model (optionally with a PEFT adapter), or judge and
+score an existing completions file.
+
+    safeanchor eval --model DIR [--adapter DIR] --tasks harmbench,truthfulqa,bbq [--judge NAME]
+                    [--limit N] [--seed S] [--set TASK.KEY=VALUE ...] --out DIR
+    safeanchor eval --completions FILE [--tasks harmbench|humaneval] [--judge NAME] --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import SafeAnchorError
+from . import TASKS, evaluate, parse_tasks, summary_markdown
+
+DEFAULT_TASKS = "harmbench,truthfulqa,bbq"
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="evaluate a model on safety / domain / general tasks",
+                              description="Run evaluation tasks; writes OUT/metrics.json, OUT/summary.md and "
+                                          "per-item records under OUT/<task>/.")
+    p.add_argument("--model", help="HF hub id, local directory, .gguf, embedded:smollm2 or tiny-random")
+    p.add_argument("--adapter", help="a PEFT adapter directory to load on top of --model")
+    p.add_argument("--tasks", help=f"comma list of: {', '.join(TASKS)} (default: {DEFAULT_TASKS})")
+    p.add_argument("--judge", default="keyword", help="keyword (offline), llamaguard, llamaguard2, llamaguard3, "
+                   "llamaguard3-1b, wildguard, harmbench-cls, KIND:MODEL_ID, or a Llama Guard id")
+    p.add_argument("--limit", type=int, help="at most N items per task (a seeded, stratified sample)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample and of few-shot draws")
+    p.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE",
+                   help="a task option, e.g. bbq.bias_definition=pos_amb, mmlu.num_fewshot=5")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--completions", help="judge and score this JSONL instead of generating: {prompt, completion} "
+                   "lines (HarmBench) or {task_id, completion} lines (HumanEval)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        task, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise SafeAnchorError(f"--set {item!r} must look like TASK.KEY=VALUE, e.g. bbq.bias_definition=pos_amb")
+        if task not in TASKS:
+            raise SafeAnchorError(f"--set {item!r}: unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        out.setdefault(task, {})[name] = value
+    return out
+
+
+def load_for_eval(name: str, adapter: str | None, device: str = "auto", dtype: str = "float32"):
+    from ..config import ModelConfig
+    from ..models import load_model
+
+    model, tokenizer = load_model(ModelConfig(name=name, device=device, dtype=dtype))
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise SafeAnchorError(f"--adapter {adapter} is not a PEFT adapter directory (no adapter_config.json)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model, tokenizer
+
+
+def tokenizer_only(name: str):
+    """The tokenizer of --model (truncates completions for judges without their own tokenizer)."""
+    from ..models import EMBEDDED, TINY, embedded_hf_dir, tiny_tokenizer
+
+    if name == TINY:
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(embedded_hf_dir()) if name == EMBEDDED else name)
+    except (OSError, ValueError) as exc:
+        raise SafeAnchorError(f"cannot load the tokenizer of {name!r} ({str(exc)[:120]})") from None
+
+
+def _completions_kind(path: Path, tasks: list[str] | None) -> str:
+    if tasks:
+        chosen = [t for t in tasks if t in ("harmbench", "humaneval")]
+        if len(chosen) != 1 or len(tasks) != 1:
+            raise SafeAnchorError("--completions scores one task: give --tasks harmbench or --tasks humaneval")
+        return chosen[0]
+    with open(path, encoding="utf-8") as fh:
+        first = next((line for line in fh if line.strip()), "")
+    try:
+        row = json.loads(first) if first else {}
+    except json.JSONDecodeError:
+        raise SafeAnchorError(f"{path} line 1 is not JSON; one JSON object per line is expected") from None
+    if "task_id" in row:
+        return "humaneval"
+    if "prompt" in row and "completion" in row:
+        return "harmbench"
+    raise SafeAnchorError(f"{path}: lines need prompt+completion (HarmBench) or task_id+completion (HumanEval)")
+
+
+def _score_completions(args, tasks: list[str] | None) -> dict:
+    from ..judges import get_judge
+
+    path = Path(args.completions)
+    if not path.is_file():
+        raise SafeAnchorError(f"--completions {path} does not exist")
+    kind = _completions_kind(path, tasks)
+    out = Path(args.out)
+    if kind == "humaneval":
+        from .humaneval import score_completions
+
+        result = score_completions(path, out)
+    else:
+        from .harmbench import score_completions
+
+        tokenizer = tokenizer_only(args.model) if args.model else None
+        opts = parse_sets(args.set).get("harmbench", {})
+        result = score_completions(path, get_judge(args.judge), out, judge_tokens=int(opts.get("judge_tokens", 512)),
+                                   tokenizer=tokenizer)
+    report = {"tasks": {kind: result}, "seconds": {}, "judge": result.get("judge", {"name": args.judge}),
+              "limit": None, "seed": None, "completions": str(path)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "summary.md").write_text(summary_markdown(report))
+    return report
+
+
+def run_eval(args) -> int:
+    if args.completions:
+        report = _score_completions(args, parse_tasks(args.tasks) if args.tasks else None)
+    else:
+        tasks = parse_tasks(args.tasks or DEFAULT_TASKS)
+        if not args.model:
+            raise SafeAnchorError("safeanchor eval needs --model (or --completions FILE to score existing outputs)")
+        from ..judges import get_judge
+
+        judge = get_judge(args.judge)  # a judge that cannot load fails before any model is loaded
+        model, tokenizer = load_for_eval(args.model, args.adapter, args.device, args.dtype)
+        report = evaluate(model, tokenizer, tasks, args.out, judge=judge, limit=args.limit, seed=args.seed,
+                          options=parse_sets(args.set), meta={"model": args.model, "adapter": args.adapter})
+    print(summary_markdown(report))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and summary.md")
+    failed = {t: r["error"] for t, r in report["tasks"].items() if "error" in r}
+    for task, msg in failed.items():
+        print(f"safeanchor: error: task {task}: {msg}", file=sys.stderr)
+    return 2 if failed else 0

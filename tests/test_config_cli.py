@@ -1,0 +1,61 @@
+"""Config parsing and the CLI's bad-input contract: one line on stderr, exit 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from safeanchor.cli import main
+from safeanchor.config import RunConfig, config_from_dict, load_config
+from safeanchor.errors import SafeAnchorError
+
+
+def test_defaults_are_the_papers():
+    cfg = RunConfig()
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs) == (2e-4, 8, 2, 3.0)
+    assert cfg.data.domains == ["medical", "legal", "code"] and cfg.data.examples_per_domain == 5000
+
+
+def test_presets_load():
+    assert load_config("smoke").model.name == "tiny-random"
+    assert load_config("quickstart").model.name == "embedded:smollm2"
+
+
+def test_unknown_key_names_the_nearest():
+    with pytest.raises(SafeAnchorError, match=r"unknown config key 'train.lrr'.*did you mean 'train.lr'"):
+        config_from_dict({"train": {"lrr": 1e-3}})
+
+
+def test_wrong_type():
+    with pytest.raises(SafeAnchorError, match="must be a number"):
+        config_from_dict({"train": {"lr": "fast"}})
+    with pytest.raises(SafeAnchorError, match="must be a list"):
+        config_from_dict({"data": {"domains": "medical"}})
+
+
+def test_override_dotted():
+    cfg = load_config("smoke", overrides={"train.lr": 0.5, "seed": 3})
+    assert cfg.train.lr == 0.5 and cfg.seed == 3
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--preset", "nope"], "unknown preset 'nope'"),
+    (["run", "--preset", "smoke", "--method", "magic"], "unknown method 'magic'"),
+    (["run", "--preset", "smoke", "--set", "train.bogus=1"], "unknown config key 'train.bogus'"),
+    (["run", "--preset", "smoke", "--set", "model.name=./no/such/dir"], "does not exist"),
+    (["run", "--preset", "smoke", "--set", "lora.target_modules=[c_attn]"], "LoRA target module(s) ['c_attn']"),
+    (["run", "--preset", "smoke", "--set", "data.domains=[astrology]"], "unknown domain"),
+    (["run", "--config", "/no/such.yaml"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys):
+    code = main(argv + ["--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_entry_point_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "safeanchor.cli", "run", "--preset", "nope"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown preset" in proc.stderr

@@ -1,0 +1,148 @@
+"""SafeAnchor's parts against obvious references on the tiny model."""
+import random
+
+import pytest
+import torch
+
+from safeanchor import subspace as ss
+from safeanchor.config import load_config
+from safeanchor.data.chat import collate, mean_token_nll
+from safeanchor.methods import get_method
+from safeanchor.models import attach_lora, tiny_model, tiny_tokenizer
+from safeanchor.train import Context, train_steps
+
+
+def _ctx(tmp_path, options=None, evaluator=None, seed=0):
+    cfg = load_config("smoke", overrides={"method": "safeanchor", "method_options": options or {}})
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    model = attach_lora(tiny_model(seed), cfg.lora)
+    rng = random.Random(seed)
+    calib = [{"prompt": f"how to do bad thing {i}?", "response": "I can't help with that."} for i in range(12)]
+    task = [{"prompt": f"add {a} and {b}", "response": str(a + b)}
+            for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(32))]
+    method = get_method("safeanchor", options or {})
+    ctx = Context(cfg=cfg, model=model, tokenizer=tok, run_dir=tmp_path, method=method, calibration=calib,
+                  monitor_prompts=["p1", "p2"], evaluator=evaluator or (lambda c, p: 100.0))
+    ctx.current_domain = "tiny"
+    ctx.domain_examples["tiny"] = task
+    return ctx, task
+
+
+def _randomise_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, (a, b) in ss.lora_modules(model).items():
+            b.weight.copy_(torch.randn(b.weight.shape, generator=g) * 0.05)
+
+
+def _flat(model):
+    return {n: torch.cat([b.weight.detach().reshape(-1), a.weight.detach().reshape(-1)]).clone()
+            for n, (a, b) in ss.lora_modules(model).items()}
+
+
+@pytest.mark.parametrize("project", ["update", "gradient"])
+def test_strict_projection_keeps_updates_out_of_the_subspace(tmp_path, project):
+    """strict + update projection: each module's parameter change is orthogonal to its basis
+    (exactly); with gradient projection AdamW leaks, which is what the logged fraction shows."""
+    ctx, task = _ctx(tmp_path, {"strict": True, "project": project, "gamma": 0.0, "csm": False})
+    _randomise_b(ctx.model)
+    ctx.method.prepare(ctx)
+    before = _flat(ctx.model)
+    hist = train_steps(ctx, task, 3, stream=1)
+    after = _flat(ctx.model)
+    worst = 0.0
+    for n, basis in ctx.method.bases.items():
+        if basis.basis.shape[1] == 0:
+            continue
+        delta = after[n] - before[n]
+        worst = max(worst, float((basis.basis.T @ delta).norm() / delta.norm()))
+    if project == "update":
+        assert worst < 1e-4
+        assert all(h["update_in_subspace"] > 0 for h in hist)
+    else:
+        assert worst > 1e-3  # AdamW + weight decay break the orthogonality of a projected gradient
+        assert all("grad_in_subspace" in h for h in hist)
+
+
+def test_gradient_projection_matches_dense_formula(tmp_path):
+    ctx, task = _ctx(tmp_path, {"project": "gradient", "gamma": 0.0, "csm": False, "trace_norm": "max"})
+    _randomise_b(ctx.model)
+    ctx.method.prepare(ctx)
+    batch = ctx.to_device(collate(ctx.encode_all(task[:4]), ctx.tokenizer.pad_token_id))
+
+    mean_token_nll(ctx.model, batch).backward()
+    modules = ss.lora_modules(ctx.model)
+    raw = {n: torch.cat([b.weight.grad.reshape(-1), a.weight.grad.reshape(-1)]).clone() for n, (a, b) in modules.items()}
+    ctx.method.rewrite_gradients(ctx)
+    for n, (a, b) in modules.items():
+        got = torch.cat([b.weight.grad.reshape(-1), a.weight.grad.reshape(-1)])
+        V = ctx.method.bases[n].basis.double()
+        dense = torch.eye(V.shape[0], dtype=torch.float64) - (1 - ctx.method.alpha[n]) * V @ V.T
+        torch.testing.assert_close(got.double(), dense @ raw[n].double(), rtol=1e-4, atol=1e-7)
+    alphas = list(ctx.method.alpha.values())
+    assert min(alphas) == pytest.approx(0.5)  # trace_norm max: the top module gets alpha = 1 - lambda
+
+
+def test_b_zero_start_constrains_b_only(tmp_path):
+    ctx, _ = _ctx(tmp_path, {"csm": False})
+    ctx.method.prepare(ctx)
+    for n, (a, b) in ss.lora_modules(ctx.model).items():
+        V = ctx.method.bases[n].basis
+        assert V.shape[1] > 0
+        assert V[b.weight.numel():].abs().max() == 0  # A-block rows of every basis vector are zero
+
+
+def test_anchor_kl_zero_at_fresh_lora_positive_after_training(tmp_path):
+    ctx, task = _ctx(tmp_path, {"project": "none", "csm": False, "gamma": 0.1})
+    ctx.model.eval()
+    kl0 = ctx.method._anchor_backward(ctx)
+    assert abs(kl0) < 1e-9  # B = 0: the adapter is the identity, so both distributions are equal
+    ctx.model.zero_grad()
+    train_steps(ctx, task, 4, stream=1, method=get_method("standard"))
+    ctx.model.eval()
+    assert ctx.method._anchor_backward(ctx) > 1e-6
+    # the anchor's gradient reaches the LoRA parameters (the reference is the adapter-disabled model)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in ctx.model.named_parameters() if "lora_" in n)
+
+
+def test_anchor_kl_matches_a_second_model_copy(tmp_path):
+    ctx, task = _ctx(tmp_path, {"project": "none", "csm": False})
+    train_steps(ctx, task, 2, stream=1, method=get_method("standard"))
+    ctx.model.eval()
+    reference = tiny_model(0)  # the same aligned weights as a separate model (the obvious, costly way)
+    batch = ctx.method._anchor_batch(ctx)
+    from safeanchor.data.chat import response_logits
+
+    with torch.no_grad():
+        p0 = torch.log_softmax(response_logits(reference, batch)[0], -1)
+        pt = torch.log_softmax(response_logits(ctx.model, batch)[0], -1)
+    expected = float((p0.exp() * (p0 - pt)).sum(-1).mean())
+    assert ctx.method._anchor_backward(ctx) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("rates, blocks, triggered", [
+    ([100.0, 96.0], 0, False),          # s_t = 96 >= 0.95 * 100: no repair
+    ([100.0, 94.0, 99.0], 1, True),     # one block restores it
+    ([100.0, 50.0, 60.0, 70.0], 2, True),  # still low after two blocks: stop at the cap
+])
+def test_csm_triggers_exactly_when_it_should(tmp_path, rates, blocks, triggered):
+    queue = list(rates)
+    ctx, _ = _ctx(tmp_path, {"repair_steps": 1, "gamma": 0.0, "incremental": False},
+                  evaluator=lambda c, p: queue.pop(0))
+    ctx.method.prepare(ctx)
+    rec = ctx.method.after_domain(ctx, 1, "tiny")["csm"]
+    assert rec["triggered"] is triggered and len(rec["blocks"]) == blocks
+    assert rec["s_after"] == rates[blocks + 1]
+    assert not queue
+
+
+def test_state_round_trip(tmp_path):
+    ctx, _ = _ctx(tmp_path, {"csm": False})
+    ctx.method.prepare(ctx)
+    state = ctx.method.state_dict()
+    fresh = get_method("safeanchor", {"csm": False})
+    fresh.load_state_dict(state, ctx)
+    for n, b in ctx.method.bases.items():
+        torch.testing.assert_close(fresh.bases[n].basis, b.basis)
+    assert fresh.alpha == ctx.method.alpha
