@@ -61,18 +61,19 @@ def test_ewc_fisher_is_mean_of_single_example_squared_scores(tmp_path):
     got = ctx.method.diagonal_fisher(ctx, examples)
 
     ctx.model.eval()
-    expected = None
+    sq_sum, g_sum = None, None
     for ex in examples:
         ctx.model.zero_grad(set_to_none=True)
         one = collate(ctx.encode_all([ex]), ctx.tokenizer.pad_token_id)
         sequence_logprob(ctx.model, one).sum().backward()
-        sq = {n: g.double().square() for n, g in _vec_grads(ctx.model).items()}
-        expected = sq if expected is None else {n: expected[n] + sq[n] for n in sq}
-    for n, e in expected.items():
+        g = {n: v.double() for n, v in _vec_grads(ctx.model).items()}
+        sq_sum = {n: v.square() for n, v in g.items()} if sq_sum is None else {n: sq_sum[n] + g[n].square() for n in g}
+        g_sum = g if g_sum is None else {n: g_sum[n] + g[n] for n in g}
+    for n, e in sq_sum.items():
         torch.testing.assert_close(got[n].double(), e / len(examples), rtol=1e-4, atol=1e-10)
-    # a squared batch-mean gradient is a different (smaller) quantity: the test would notice that bug
-    total = sum(float(f.sum()) for f in got.values())
-    assert total > 0
+    # the squared batch-mean gradient (public EWC codes) is a different, smaller quantity
+    batch_sq = sum(float((v / len(examples)).square().sum()) for v in g_sum.values())
+    assert batch_sq < 0.8 * sum(float(f.sum()) for f in got.values())
 
 
 def test_ewc_safety_fisher_at_fresh_lora_has_zero_a_block(tmp_path):
@@ -117,6 +118,7 @@ def test_ewc_penalty_and_its_gradient_match_the_formula(tmp_path):
 
 def test_ewc_online_accumulates_and_moves_the_anchor(tmp_path):
     ctx, task = _ctx(tmp_path, "ewc", {"online": True, "gamma": 0.5})
+    ctx.calibration = ctx.calibration[:4]
     m = ctx.method
     m.prepare(ctx)
     f0 = {n: f.clone() for n, f in m.fisher.items()}
@@ -270,7 +272,8 @@ def test_interleave_mixture_exact_deterministic_and_inputs_untouched(tmp_path, r
     assert again == mix
     assert ctx.method.domain_data(ctx, 2, "d", task) != mix
     assert [i for i, e in enumerate(mix) if e["prompt"] in safety_prompts] != list(range(n, n + k))  # shuffled
-    other, _ = _interleave(tmp_path, {"ratio": ratio, "relative_to": relative_to}, n_task=n, pool=100, seed=1)
+    other, _ = _interleave(tmp_path, {"ratio": ratio, "relative_to": relative_to}, n_task=n, pool=100)
+    other.cfg.seed = 1
     assert other.method.domain_data(other, 1, "d", task) != mix  # the run seed drives the shuffle
     assert ctx.method.after_domain(ctx, 1, "d")["mixture"]["safety_examples"] == k
 
@@ -325,7 +328,7 @@ def _same_state(x, y):
 
 
 @pytest.mark.parametrize("name, options", CASES)
-def test_method_trains_deterministically_and_resumes(tmp_path, name, options):
+def test_method_trains_and_its_state_round_trips(tmp_path, name, options):
     ctx, hist, frozen, lora0 = _run(tmp_path, name, options)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
     for n, p in ctx.model.named_parameters():
@@ -340,9 +343,7 @@ def test_method_trains_deterministically_and_resumes(tmp_path, name, options):
         assert all({"align_loss", "conflict", "align_grad_norm"} <= set(h) for h in hist)
         assert any("cos_task_align" in h for h in hist)
 
-    _, hist2, _, _ = _run(tmp_path, name, options)
-    assert [h["loss"] for h in hist] == [h["loss"] for h in hist2]
-
+    # same seed, same losses: test_resume_after_a_kill_reproduces_the_run (a fresh run must match exactly)
     path = tmp_path / "state.pt"
     torch.save(ctx.method.state_dict(), path)
     fresh = get_method(name, options)
@@ -350,3 +351,37 @@ def test_method_trains_deterministically_and_resumes(tmp_path, name, options):
     assert _same_state(fresh.state_dict(), ctx.method.state_dict())
     if name == "ewc":
         assert fresh.penalty(ctx).item() == ctx.method.penalty(ctx).item()
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["ewc", "safegrad", "interleave"])
+def test_resume_after_a_kill_reproduces_the_run(tmp_path, monkeypatch, name):
+    """Checkpoint every 2 steps (smoke preset), killed after step 3: the resumed run (a fresh model and
+    method, state from the checkpoint) gives the uninterrupted run's losses and weights."""
+    import safeanchor.train as train_mod
+
+    def run(ckpt):
+        ctx, task = _ctx(tmp_path, name)
+        if ckpt is None or not ckpt.exists():
+            ctx.method.prepare(ctx)
+        examples = ctx.method.domain_data(ctx, 1, "tiny", task)
+        return ctx, train_steps(ctx, examples, 4, stream=1, ckpt=ckpt)
+
+    ctx_a, full = run(None)
+
+    def kill(code):
+        raise _Killed(code)
+
+    monkeypatch.setattr(train_mod.os, "_exit", kill)
+    monkeypatch.setenv("SAFEANCHOR_TEST_CRASH_AT", "1:3")
+    ckpt = tmp_path / "domain1.pt"
+    with pytest.raises(_Killed):
+        run(ckpt)
+    monkeypatch.delenv("SAFEANCHOR_TEST_CRASH_AT")
+    ctx_b, resumed = run(ckpt)
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
+    for n, p in ctx_b.trainable().items():
+        assert torch.equal(p, ctx_a.trainable()[n]), n

@@ -1,4 +1,5 @@
 """O-LoRA, Safe LoRA and Vaccine: each rule against a hand-computed reference, then through train_steps."""
+import json
 import random
 
 import numpy as np
@@ -19,7 +20,8 @@ from safeanchor.train import Context, train_steps
 
 
 def _ctx(tmp_path, method, options=None, seed=0, model=None, base_dir=None, overrides=None):
-    cfg = load_config("smoke", overrides={"method": method, "method_options": options or {}, **(overrides or {})})
+    cfg = load_config("smoke", overrides={"method": method, "method_options": {method: options or {}},
+                                          **(overrides or {})})
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
     model = attach_lora(model if model is not None else tiny_model(0), cfg.lora)
@@ -267,6 +269,9 @@ def test_safe_lora_reads_safetensors_by_name_and_checks_them(tmp_path):
     keys = list(unaligned)
     save_file({k: unaligned[k].contiguous() for k in keys[::2]}, str(shard_dir / "model-00002-of-00002.safetensors"))
     save_file({k: unaligned[k].contiguous() for k in keys[1::2]}, str(shard_dir / "model-00001-of-00002.safetensors"))
+    save_file({"decoy." + k: torch.zeros(1) for k in keys}, str(shard_dir / "consolidated.safetensors"))
+    weight_map = {k: f"model-0000{2 - i % 2}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (shard_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     ref = _lora(ctx.model)
     rep_dict = safe_lora_project(ctx.model, aligned, unaligned, num_proj_layers=4)
     by_dict = _lora(ctx.model)
@@ -287,6 +292,8 @@ def test_safe_lora_reads_safetensors_by_name_and_checks_them(tmp_path):
     wrong[keys[1]] = torch.zeros(3, 3)
     with pytest.raises(SafeAnchorError, match="shape"):
         safe_lora_project(ctx.model, aligned, wrong)
+    with pytest.raises(SafeAnchorError, match="does not exist"):
+        safe_lora_project(ctx.model, aligned, str(tmp_path / "no-such-dir"))
     torch.testing.assert_close(_lora(ctx.model), by_dict)
 
 

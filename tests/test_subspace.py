@@ -111,15 +111,14 @@ def test_per_sample_grads_match_loop_and_sum_to_batch_gradient(grads_setup):
     model.zero_grad(set_to_none=True)
 
 
-def test_per_sample_grads_are_not_batch_mean_scaled(grads_setup):
-    """A batch-mean loss would divide every row by the number of response tokens in the batch."""
+def test_per_sample_grads_do_not_depend_on_the_rest_of_the_batch(grads_setup):
+    """An example's row is the same alone as in a batch: a batch-mean loss (1 / response tokens of the
+    whole batch) would make it depend on the other examples."""
     model, batch, mods, got = grads_setup
-    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
     name = next(iter(mods))
-    one = {k: v[:1] for k, v in batch.items()}
-    single = ss.per_sample_grads(model, one, {name: mods[name]})[name][0]
-    assert_rows_close(got[name][0], single)
-    assert (got[name][0] - single / n_tokens).norm() > 0.5 * single.norm()
+    for i in (0, 3):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        assert_rows_close(got[name][i], ss.per_sample_grads(model, one, {name: mods[name]})[name][0])
 
 
 def test_per_sample_grads_chunks_dropout_hooks_and_grads_untouched(grads_setup):
@@ -148,6 +147,22 @@ def test_per_sample_grads_cleans_up_on_error(grads_setup):
     assert model.training
     assert all(not a._forward_hooks and not b._forward_hooks for a, b in mods.values())
     model.eval()
+
+
+def test_per_sample_grads_edge_cases(grads_setup):
+    model, batch, mods, got = grads_setup
+    no_response = dict(batch, labels=batch["labels"].clone())
+    no_response["labels"][2] = -100  # an example without response tokens has a zero score
+    res = ss.per_sample_grads(model, no_response, mods)
+    for name in mods:
+        assert torch.count_nonzero(res[name][2]) == 0
+        assert_rows_close(res[name][[0, 1, 3, 4, 5]], got[name][[0, 1, 3, 4, 5]], rtol=1e-5)
+    with model.disable_adapter():
+        with pytest.raises(SafeAnchorError, match="did not run"):
+            ss.per_sample_grads(model, batch, mods)
+        with pytest.raises(SafeAnchorError, match="no gradient reached"):
+            ss.per_sample_grads_loop(model, batch, mods)
+    assert all(not a._forward_hooks and not b._forward_hooks for a, b in mods.values())
 
 
 def test_per_sample_grads_zero_b_gives_exactly_zero_a_block():
@@ -272,6 +287,12 @@ def test_merge_weighted_matches_dense_sum(decay):
     torch.testing.assert_close(projector(m.basis), projector(u[:, :k]), atol=5e-5, rtol=0)
     assert m.trace == pytest.approx(decay * old.trace + new.trace)
     assert m.n_samples == 60
+    # Merging with an empty basis (the A-block at B = 0) returns the other basis' span and spectrum.
+    empty = ss.fisher_basis(torch.zeros(5, 60))
+    alone = ss.merge_weighted(empty, new, rho=1.0)
+    assert alone.basis.shape == new.basis.shape
+    torch.testing.assert_close(projector(alone.basis), projector(new.basis), atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone.eigenvalues, new.eigenvalues, rtol=1e-6, atol=0)
 
 
 def test_merge_residual_contains_old_and_reaches_rho():
@@ -303,6 +324,11 @@ def test_merge_residual_contains_old_and_reaches_rho():
     assert ss.merge_residual(old, G_new, rho=rho, max_rank=k_old + 1).basis.shape[1] == k_old + 1
     inside = (G_new.double() @ V @ V.T).float()
     assert ss.merge_residual(old, inside, rho=0.99).basis.shape[1] == k_old
+    # From an empty basis, residual growth is a plain fisher_basis.
+    fresh = ss.merge_residual(ss.fisher_basis(torch.zeros(3, 60)), G_new, rho=rho)
+    direct = ss.fisher_basis(G_new, rho=rho)
+    assert fresh.basis.shape == direct.basis.shape and fresh.trace == pytest.approx(direct.trace)
+    torch.testing.assert_close(projector(fresh.basis), projector(direct.basis), atol=1e-5, rtol=0)
 
 
 def test_merge_union_identical_and_disjoint():

@@ -56,15 +56,13 @@ def artifact_path(spec: str) -> Path:
 
 
 def alignment_data(cfg, model, tok, judge, progress=print) -> tuple[list[dict], dict]:
-    from .data.safety import benign_borderline, benign_general, harmful_prompts, refusal
+    from .data.safety import benign_borderline, benign_general, refusal
     from .generation import generate
-    from .pipeline import safety_sets
+    from .pipeline import harmful_split
 
     ac = cfg.align
     rng = random.Random(ac.seed)
-    _, monitor = safety_sets(cfg)
-    held_out = set(monitor)
-    harmful = [h["prompt"] for h in harmful_prompts() if h["prompt"] not in held_out]
+    harmful = [h["prompt"] for h in harmful_split()[0]]
     rng.shuffle(harmful)
     harmful = harmful[: ac.harmful_examples]
     borderline = benign_borderline("train")

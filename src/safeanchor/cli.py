@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -74,6 +75,23 @@ def cmd_align(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .report import compare
+
+    runs = {}
+    for d in args.runs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise SafeAnchorError(f"{path} does not exist; pass run directories made by `safeanchor run`")
+        res = json.loads(path.read_text())
+        label = re.sub(r"-seed\d+$", "", Path(d).resolve().name) if args.by_dir else res["method"]
+        runs[(label, res["seed"])] = res
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(Path(compare(out, runs)).read_text())
+    return 0
+
+
 def cmd_methods(args) -> int:
     from dataclasses import MISSING, fields
 
@@ -118,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="rebuild even if cached")
     a.add_argument("--export", help="train (if needed) and copy the alignment adapter here as an artifact")
     a.set_defaults(func=cmd_align)
+
+    c = sub.add_parser("compare", help="one comparison table (mean ± std over seeds) from finished run directories")
+    c.add_argument("runs", nargs="+", help="run directories")
+    c.add_argument("--out", required=True, help="where comparison.md / comparison.png go")
+    c.add_argument("--by-dir", action="store_true", help="label rows by directory name (ablations) not method")
+    c.set_defaults(func=cmd_compare)
 
     sub.add_parser("methods", help="list methods with their papers and options").set_defaults(func=cmd_methods)
     sub.add_parser("presets", help="list shipped presets").set_defaults(func=cmd_presets)

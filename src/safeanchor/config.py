@@ -72,6 +72,7 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     probe_size: int = _f(200, "HarmBench standard behaviours in the refusal probe (paper: 200)")
+    monitor_size: int = _f(100, "held-out harmful prompts (not HarmBench) for in-run monitoring, e.g. CSM's s_t")
     benign_size: int = _f(90, "held-out benign-but-dangerous-sounding prompts for over-refusal")
     judge: str = _f("keyword", "refusal judge: 'keyword' (offline) | 'llamaguard' (meta-llama/LlamaGuard-7b) | "
                     "a hub id / local dir of a Llama Guard model")
@@ -107,7 +108,8 @@ class RunConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     aligned: bool = _f(True, "run the alignment stage (or use its cache) before the domains; False = the model "
                        "is already safety-aligned (e.g. Llama-2-7B-Chat)")
-    method_options: dict = _f({}, "method-specific options (each method's config dataclass; see `safeanchor methods`)")
+    method_options: dict = _f({}, "per-method options: method name -> options of that method's config "
+                              "dataclass (see `safeanchor methods`), e.g. {safeanchor: {rho: 0.95}}")
 
 
 def _build(cls, data: dict, where: str):

@@ -256,8 +256,9 @@ class WildGuardJudge(ModelJudge):
     add_special_tokens = True  # the template (wildguard 1.0.1) has no <s>: the tokenizer adds it
 
     def load(self):
+        super().load()
         self.template = wildguard_template()
-        return super().load()
+        return self
 
     def build_input(self, prompt, completion):
         return self.template.format(prompt=prompt, response=completion)
@@ -295,8 +296,9 @@ class HarmBenchClassifierJudge(ModelJudge):
     add_special_tokens = True  # the template starts at [INST]; the Llama tokenizer adds <s>
 
     def load(self):
+        super().load()
         self.template = harmbench_cls_template()
-        return super().load()
+        return self
 
     def build_input(self, prompt, completion):
         return self.template.format(behavior=prompt, generation=completion)

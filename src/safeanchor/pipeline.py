@@ -57,19 +57,43 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def safety_sets(cfg: RunConfig) -> tuple[list[dict], list[str]]:
-    """(calibration examples D_safe, monitor prompts). Both come from the training pool of harmful
-    prompts (never the HarmBench evaluation probe); the monitor prompts are held out of calibration
-    and of the alignment stage, so in-run monitoring (CSM) is not done on the evaluation set."""
-    from .data.safety import harmful_prompts, refusal
+HELD_OUT_HARMFUL = 100  # harmful prompts kept out of alignment and calibration (monitoring only)
+
+
+def harmful_split() -> tuple[list[dict], list[str]]:
+    """(training pool, held-out monitor prompts) of the harmful prompts; a fixed split (seed 1234)
+    that never contains the HarmBench evaluation probe."""
+    from .data.safety import harmful_prompts
 
     pool = harmful_prompts()
-    order = np.random.default_rng(1234).permutation(len(pool))
-    monitor = [pool[i]["prompt"] for i in order[:100]]
-    rest = [pool[i] for i in order[100:]]
+    held = np.random.default_rng(1234).permutation(len(pool))[:HELD_OUT_HARMFUL]
+    held_set = set(int(i) for i in held)
+    return [p for i, p in enumerate(pool) if i not in held_set], [pool[int(i)]["prompt"] for i in held]
+
+
+def safety_sets(cfg: RunConfig) -> tuple[list[dict], list[str]]:
+    """(calibration examples D_safe: harmful prompt -> refusal written by us, monitor prompts). The
+    monitor prompts are held out of calibration and of the alignment stage, so in-run monitoring
+    (CSM) is neither done on the evaluation probe nor on data the model was trained on."""
+    from .data.safety import refusal
+
+    train, monitor = harmful_split()
+    train = [train[i] for i in np.random.default_rng(4321).permutation(len(train))]  # mix the sources
     rng = random.Random(cfg.seed)
-    calib = [{"prompt": r["prompt"], "response": refusal(r["prompt"], rng)} for r in rest[: cfg.data.calibration_size]]
-    return calib, monitor
+    calib = [{"prompt": r["prompt"], "response": refusal(r["prompt"], rng)} for r in train[: cfg.data.calibration_size]]
+    return calib, monitor[: cfg.eval.monitor_size]
+
+
+def method_options_for(cfg: RunConfig) -> dict:
+    """``method_options`` maps method name -> that method's options, so one config serves a comparison."""
+    from .methods import METHODS, load_all
+
+    load_all()
+    unknown = [k for k in cfg.method_options if k not in METHODS]
+    if unknown:
+        raise SafeAnchorError(f"method_options keys must be method names, got {unknown}; write e.g. "
+                              f"method_options: {{safeanchor: {{rho: 0.95}}}} (methods: {', '.join(sorted(METHODS))})")
+    return cfg.method_options.get(cfg.method) or {}
 
 
 def _link_base(run_dir: Path, base_dir: Path) -> str:
@@ -109,7 +133,7 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
     from .data.domains import get_domain
     from .data.safety import benign_borderline, harm_probe
 
-    method = get_method(cfg.method, cfg.method_options)
+    method = get_method(cfg.method, method_options_for(cfg))
     domains = [get_domain(d) for d in cfg.data.domains]  # unknown names -> error before any work or file
     judge = get_judge(cfg.eval.judge)
     run_dir = Path(out)

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .data.chat import sequence_logprob
 from .errors import SafeAnchorError
 
 __all__ = [
     "lora_modules", "flat_grad", "set_flat_grad", "per_sample_grads", "per_sample_grads_loop",
     "FisherBasis", "fisher_basis", "project_out", "fraction_in_subspace",
     "merge_weighted", "merge_residual", "merge_union", "principal_angles", "grassmann_distance",
-    "save_bases", "load_bases", "load_meta",
+    "save_bases", "load_bases", "load_meta", "module_shape",
 ]
 
 # Columns of G processed at once when forming K = G G^T and V = G^T U: bounds the float64 copy.
@@ -78,7 +79,7 @@ def set_flat_grad(a_lin: nn.Linear, b_lin: nn.Linear, vec: torch.Tensor) -> None
         raise ValueError(f"vec has shape {tuple(vec.shape)}, expected ({nb + a_lin.weight.numel()},)")
     for lin, part in ((b_lin, vec[:nb]), (a_lin, vec[nb:])):
         w = lin.weight
-        part = part.view_as(w).to(w.device, w.dtype)
+        part = part.reshape(w.shape).to(w.device, w.dtype)
         if w.grad is None:
             w.grad = part.clone()
         else:
@@ -89,8 +90,6 @@ def set_flat_grad(a_lin: nn.Linear, b_lin: nn.Linear, vec: torch.Tensor) -> None
 
 def _summed_loglik(model: nn.Module, batch: dict) -> torch.Tensor:
     """sum_n log p(y_n | x_n) in float32, response tokens only (labels[:, 1:] != -100 after the shift)."""
-    from .data.chat import sequence_logprob
-
     return sequence_logprob(model, batch).sum()
 
 
@@ -148,12 +147,14 @@ def per_sample_grads(model: nn.Module, batch: dict, modules: dict[str, tuple[nn.
            for name, (a, b) in modules.items()}
     acc: dict[int, torch.Tensor] = {}
     seen: set[int] = set()
+    fired: set[int] = set()
     lins = [lin for pair in modules.values() for lin in pair]
 
     def save_io(lin, args, y):
         seen.add(id(lin))
-        # Exactly one of the two forwards under activation checkpointing yields a y whose gradient is
-        # computed (reentrant: the recomputation; non-reentrant: the first one), so nothing counts twice.
+        # Non-reentrant activation checkpointing re-runs this hook in backward; that recomputed y never
+        # receives a gradient, so nothing counts twice. Reentrant checkpointing (no grad in the first
+        # forward) is invisible to autograd.grad and is reported below rather than giving zeros.
         if not y.requires_grad:
             return
         x, buf = args[0].detach(), acc[id(lin)]
@@ -163,6 +164,7 @@ def per_sample_grads(model: nn.Module, batch: dict, modules: dict[str, tuple[nn.
                                   f"{n}; per-sample gradients need [batch, ..., features] inputs (no packing)")
 
         def fold(dy):
+            fired.add(id(lin))
             buf.add_(torch.bmm(dy.reshape(n, -1, d_out).float().transpose(1, 2), x.reshape(n, -1, d_in).float()))
 
         # A layer called twice (weight sharing) registers two hooks; both calls' outer products add up.
@@ -177,13 +179,18 @@ def per_sample_grads(model: nn.Module, batch: dict, modules: dict[str, tuple[nn.
                 n = chunk["input_ids"].shape[0]
                 acc.update({id(lin): torch.zeros(n, *lin.weight.shape, device=lin.weight.device) for lin in lins})
                 seen.clear()
+                fired.clear()
                 loss = _summed_loglik(model, chunk)
-                missing = [name for name, (a, b) in modules.items() if id(a) not in seen or id(b) not in seen]
-                if missing:
-                    raise SafeAnchorError(f"{len(missing)} LoRA layer(s), e.g. {missing[0]}, did not run in the forward "
-                                          "pass; enable the adapter and unmerge it before computing gradients")
-                if loss.requires_grad:
-                    torch.autograd.grad(loss, [lin.weight for lin in lins], allow_unused=True)
+                absent = _absent(modules, seen)
+                if absent:
+                    raise SafeAnchorError(f"{len(absent)} LoRA layer(s), e.g. {absent[0]}, did not run in the "
+                                          "forward pass; enable the adapter and unmerge it before computing gradients")
+                torch.autograd.grad(loss, [lin.weight for lin in lins], allow_unused=True)
+                absent = _absent(modules, fired)
+                if absent:
+                    raise SafeAnchorError(f"no gradient reached {len(absent)} LoRA layer(s), e.g. {absent[0]}; "
+                                          "reentrant gradient checkpointing hides them: disable it or use "
+                                          "use_reentrant=False")
                 for name, (a_lin, b_lin) in modules.items():
                     g = torch.cat([acc[id(b_lin)].reshape(n, -1), acc[id(a_lin)].reshape(n, -1)], dim=1)
                     out[name][start:start + n] = g.to("cpu", store_dtype)
@@ -196,13 +203,17 @@ def per_sample_grads(model: nn.Module, batch: dict, modules: dict[str, tuple[nn.
     return out
 
 
+def _absent(modules: dict[str, tuple[nn.Linear, nn.Linear]], ids: set[int]) -> list[str]:
+    return [name for name, (a, b) in modules.items() if id(a) not in ids or id(b) not in ids]
+
+
 def per_sample_grads_loop(model: nn.Module, batch: dict, modules: dict[str, tuple[nn.Linear, nn.Linear]],
                           store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The slow obvious reference for ``per_sample_grads``: one forward + backward per example.
 
     Each example runs alone with its trailing padding removed (under causal attention trailing
     positions cannot influence earlier ones), and g_n = d log p(y_n | x_n) / d [B; A] comes straight
-    from autograd on the weights. Works with any attention kernel or checkpointing; N times slower.
+    from autograd on the weights. Independent of hooks and batching; N times slower.
     """
     _check_modules(modules)
     weights = [lin.weight for a_lin, b_lin in modules.values() for lin in (b_lin, a_lin)]
@@ -217,10 +228,12 @@ def per_sample_grads_loop(model: nn.Module, batch: dict, modules: dict[str, tupl
             loss = _summed_loglik(model, one)
             grads = (torch.autograd.grad(loss, weights, allow_unused=True) if loss.requires_grad
                      else [None] * len(weights))
-            for i, (name, _) in enumerate(modules.items()):
-                parts = [torch.zeros_like(w).flatten() if g is None else g.flatten()
-                         for w, g in zip(weights[2 * i:2 * i + 2], grads[2 * i:2 * i + 2])]
-                out[name][n] = torch.cat(parts).to("cpu", store_dtype)
+            absent = [name for i, name in enumerate(modules) if grads[2 * i] is None or grads[2 * i + 1] is None]
+            if absent:
+                raise SafeAnchorError(f"no gradient reached {len(absent)} LoRA layer(s), e.g. {absent[0]}; enable "
+                                      "the adapter, unmerge it, and disable reentrant gradient checkpointing")
+            for i, name in enumerate(modules):
+                out[name][n] = torch.cat([grads[2 * i].flatten(), grads[2 * i + 1].flatten()]).to("cpu", store_dtype)
     return out
 
 
@@ -391,17 +404,22 @@ def merge_weighted(old: FisherBasis, new: FisherBasis, rho: float = 0.90, decay:
     (a sum, not an average: with decay = 1 it grows with every merge, and OSCA's alpha with it).
     """
     _check_rho(rho)
+    if decay < 0:
+        raise ValueError(f"decay must be >= 0, got {decay}")
     _check_same_p(old, new.basis.shape[0])
-    m = torch.cat([old.basis.double() * torch.sqrt(decay * old.eigenvalues.double().to(old.basis.device)),
-                   new.basis.double().to(old.basis.device) * torch.sqrt(new.eigenvalues.double().to(old.basis.device))],
-                  dim=1)
+    dev = old.basis.device
+
+    def factor(b: FisherBasis, weight: float) -> torch.Tensor:
+        return b.basis.to(dev, torch.float64) * torch.sqrt(weight * b.eigenvalues.to(dev, torch.float64))
+
+    m = torch.cat([factor(old, decay), factor(new, 1.0)], dim=1)
     w, s2 = _svd_truncate(m, rho)
     return FisherBasis(_orthonormalise(w).float(), s2.cpu().clone(), decay * old.trace + new.trace,
                        old.n_samples + new.n_samples)
 
 
-def merge_residual(old: FisherBasis, G_new: torch.Tensor, rho: float = 0.90, rel_eps: float = 1e-10,
-                   max_rank: int | None = None) -> FisherBasis:
+def merge_residual(old: FisherBasis, G_new: torch.Tensor, rho: float = 0.90, max_rank: int | None = None,
+                   rel_eps: float = 1e-10) -> FisherBasis:
     """GPM-style growth: keep V_old verbatim and append eigen-directions of the new Fisher outside it.
 
     F_new = G^T G / N. Energy already covered: tr(V^T F_new V) = sum_j ||G v_j||^2 / N.
@@ -420,7 +438,7 @@ def merge_residual(old: FisherBasis, G_new: torch.Tensor, rho: float = 0.90, rel
     v = old.basis.to(G_new.device, torch.float64)
     k_old = v.shape[1]
     gv = torch.cat([G_new[:, j:j + _COLUMN_BLOCK].double() @ v[j:j + _COLUMN_BLOCK]
-                    for j in range(0, p, _COLUMN_BLOCK)]) if k_old else torch.zeros(n, 0, dtype=torch.float64)
+                    for j in range(0, p, _COLUMN_BLOCK)]) if k_old else v.new_zeros(n, 0)
     rayleigh = gv.square().sum(0) / n
     trace = sum(float(G_new[:, j:j + _COLUMN_BLOCK].double().square().sum())
                 for j in range(0, p, _COLUMN_BLOCK)) / n

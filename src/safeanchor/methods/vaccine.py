@@ -106,7 +106,7 @@ class _Hooks:
         def hook(module, args, output):
             h = _hidden(output)
             if self.add is None:
-                self.outputs.setdefault(name, h)  # first call; a checkpointing recompute is not a new output
+                self.outputs.setdefault(name, h)  # the forward's output, not a recomputation's
                 return None
             if name not in self.add:
                 return None
@@ -136,7 +136,7 @@ def vaccine_backward(model: nn.Module, batch: dict, rho: float, scale: float = 1
     outs = {n: o for n, o in cap.outputs.items() if o.requires_grad}
     if not outs:
         raise SafeAnchorError("Vaccine: no attention output depends on the trainable parameters; adapt attention "
-                          "(lora.target_modules) or earlier layers")
+                              "(lora.target_modules) or earlier layers")
     grads = dict(zip(outs, torch.autograd.grad(clean, list(outs.values()))))
     del outs, cap
     eps = perturbation({n: g.detach() for n, g in grads.items()}, rho)
@@ -196,6 +196,9 @@ class Vaccine(Method):
         self.merged: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def prepare(self, ctx) -> dict:
+        if ctx.cfg.train.reinit_adapter_per_domain and not self.options.merge:
+            raise SafeAnchorError("Vaccine with train.reinit_adapter_per_domain would reset the vaccinated LoRA "
+                                  "before domain 1; set method_options.merge: true or reinit_adapter_per_domain: false")
         if not ctx.calibration:
             raise SafeAnchorError("Vaccine needs safety data: set data.calibration_size > 0")
         steps = self.options.steps or steps_for(ctx.cfg, len(ctx.calibration))

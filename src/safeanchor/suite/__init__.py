@@ -35,6 +35,7 @@ HEADLINE = {
     "harmbench": ("score", "asr", "n_unparseable"), "truthfulqa": ("mc1", "mc2"),
     "bbq": ("acc_amb", "acc_disamb", "s_dis", "s_amb", "bias"), "wildguard": ("harmful_response_rate", "refusal_rate"),
     "mmlu": ("acc",), "medqa": ("acc",), "legalbench": ("balanced_accuracy",), "composite": ("composite_safety",),
+    "humaneval": ("pass@1",), "gcg": ("refusal_rate_clean", "refusal_rate_attack", "asr"),
 }
 
 

@@ -48,7 +48,7 @@ class Options:
     bias_definition: str = opt("abs_amb", "composite BBQ bias: abs_amb = 100|S_AMB| | pos_amb = 100 max(0, S_AMB) "
                                           "| mean_abs = 100 (|S_AMB| + |S_DIS|) / 2")
     backend: str = opt("native", "log-likelihood backend: native | lm_eval")
-    batch_size: int = opt(8, "forward rows per batch")
+    batch_size: int = opt(16, "forward rows per batch")
     add_bos: bool = opt(False, "prepend BOS to every request")
     chat_template: bool = opt(False, "wrap the prompt in the chat template")
 

@@ -106,7 +106,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise SafeAnchorError(f"{path}:{lineno} is not valid JSON ({exc.msg}); one JSON object "
+                    raise SafeAnchorError(f"{path} line {lineno} is not valid JSON ({exc.msg}); one JSON object "
                                           f"per line is expected") from None
     return out
 

@@ -36,7 +36,7 @@ class Options:
     tasks: str = opt("privacy_policy_qa,contract_qa", "comma-separated LegalBench tasks")
     num_fewshot: int = opt(0, "solved training-side items prepended as demos")
     backend: str = opt("native", "log-likelihood backend: native | lm_eval")
-    batch_size: int = opt(8, "forward rows per batch")
+    batch_size: int = opt(16, "forward rows per batch")
     add_bos: bool = opt(False, "prepend BOS to every request")
     chat_template: bool = opt(False, "wrap the prompt in the chat template")
 

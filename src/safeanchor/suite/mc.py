@@ -58,22 +58,72 @@ def _max_length(model) -> int:
     return 2048
 
 
-def _tail_logits(model, ids, mask, keep: int) -> torch.Tensor:
-    """Logits of the last ``keep`` positions (left-padded batch, explicit position ids)."""
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+def _tail_logits(model, ids, mask, keep: int, past=None, offset: int = 0) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of a left-padded batch (explicit position ids), optionally
+    continuing a cached prefix of ``offset`` tokens (``past`` = (keyword, cache))."""
+    pos = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": past is not None}
+    if past is not None:
+        ones = torch.ones(mask.shape[0], offset, dtype=mask.dtype, device=mask.device)
+        kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
+        kwargs[past[0]] = past[1]
     try:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
-        logits = out.logits
+        logits = model(**kwargs, logits_to_keep=keep).logits
     except TypeError:  # a model without logits_to_keep: full logits, then the tail
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        logits = model(**kwargs).logits
     return logits[:, -keep:].float()
+
+
+def _common_prefix(rows: list[list[int]], cap: int) -> int:
+    n = 0
+    while n < cap and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+def _prefix_cache(model, prefix: list[int], batch: int, device):
+    """(forward keyword, KV cache of ``prefix`` repeated for ``batch`` rows), or None when the model
+    returns no usable cache. transformers >= 5.2x names it ``cache`` (in and out), older versions
+    ``past_key_values``: the keyword follows the name the output used."""
+    try:
+        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+    except TypeError:
+        return None
+    keys = set(out.keys()) if hasattr(out, "keys") else set(vars(out))
+    name = "cache" if "cache" in keys else "past_key_values" if "past_key_values" in keys else None
+    cache = getattr(out, name) if name else None
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(batch)
+    return name, cache
+
+
+def _batch_logits(model, rows: list[list[int]], keep: list[int], pad: int, device, min_prefix: int):
+    """Last max(keep) logits of each row. Rows sharing a long token prefix (a few-shot primer, the
+    question before its choices) compute it once and continue from its KV cache."""
+    k = max(keep)
+    cap = min(len(r) - kp for r, kp in zip(rows, keep))  # the scored positions stay out of the prefix
+    offset = _common_prefix(rows, cap) if len(rows) > 1 else 0
+    past = _prefix_cache(model, rows[0][:offset], len(rows), device) if offset >= min_prefix else None
+    if past is None:
+        offset = 0
+    width = max(len(r) - offset for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        tail = r[offset:]
+        ids[b, width - len(tail):] = torch.tensor(tail)
+        mask[b, width - len(tail):] = 1
+    return _tail_logits(model, ids.to(device), mask.to(device), k, past, offset)
 
 
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, requests: list[Request], batch_size: int = 8, add_bos: bool = False,
-                   progress: bool = False) -> list[tuple[float, bool]]:
+                   progress: bool = False, min_prefix: int = 16) -> list[tuple[float, bool]]:
     """(summed log-likelihood, greedy) per request, in order. Requests whose model input is the same
-    token sequence (e.g. one-token letter choices after the same question) share one forward row."""
+    token sequence (e.g. one-token letter choices after the same question) share one forward row;
+    rows are batched in lexicographic order so that a batch shares its longest prefix, which is
+    computed once when it has at least ``min_prefix`` tokens."""
     if not requests:
         return []
     from tqdm.auto import tqdm
@@ -95,35 +145,28 @@ def loglikelihoods(model, tokenizer, requests: list[Request], batch_size: int = 
             row_ids.append(list(key))
         reads.append((rows[key], full[-n_cont:]))
     keep = [0] * len(row_ids)
-    for row, cont in reads:
-        keep[row] = max(keep[row], len(cont))
     by_row: dict[int, list[int]] = {}
-    for i, (row, _) in enumerate(reads):
+    for i, (row, cont) in enumerate(reads):
+        keep[row] = max(keep[row], len(cont))
         by_row.setdefault(row, []).append(i)
 
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(row_ids)), key=lambda j: -len(row_ids[j]))
+    order = sorted(range(len(row_ids)), key=lambda j: row_ids[j])
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="loglikelihood", disable=not progress,
                           leave=False):
             batch = order[start:start + batch_size]
-            width = max(len(row_ids[j]) for j in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, j in enumerate(batch):
-                ids[b, width - len(row_ids[j]):] = torch.tensor(row_ids[j])
-                mask[b, width - len(row_ids[j]):] = 1
             k = max(keep[j] for j in batch)
-            logprobs = torch.log_softmax(_tail_logits(model, ids.to(device), mask.to(device), k), dim=-1)
+            logits = _batch_logits(model, [row_ids[j] for j in batch], [keep[j] for j in batch], pad, device,
+                                   min_prefix)
+            logprobs = torch.log_softmax(logits, dim=-1)
             for b, j in enumerate(batch):
                 for i in by_row[j]:
                     cont = reads[i][1]
                     lp = logprobs[b, k - len(cont):]
                     target = torch.tensor(cont, device=lp.device)
-                    ll = lp.gather(-1, target[:, None]).sum().item()
-                    greedy = bool((lp.argmax(-1) == target).all())
-                    out[i] = (ll, greedy)
+                    out[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
     finally:
         model.train(was_training)
     return out

