@@ -5,11 +5,6 @@ from safeanchor.data.chat import collate, encode
 from safeanchor.models import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(2)
-
-
 @pytest.fixture
 def tiny():
     return tiny_model(seed=0), tiny_tokenizer()

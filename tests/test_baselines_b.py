@@ -102,7 +102,7 @@ def test_olora_trains_only_the_new_adapter_and_keeps_the_base(tmp_path):
     ctx, task = _ctx(tmp_path, "olora", {"lambda2": 0.01})
     m = ctx.method
     m.before_domain(ctx, 1, "d1")
-    h1 = train_steps(ctx, task, 2, stream=1)
+    h1 = train_steps(ctx, task, 1, stream=1)
     assert "penalty" in h1[0] and all(h["penalty"] > 0 for h in h1)  # lambda2 acts on task 1 too
     assert m.after_domain(ctx, 1, "d1")["stored_params"] > 0
     base0 = _base(ctx.model)
@@ -112,7 +112,7 @@ def test_olora_trains_only_the_new_adapter_and_keeps_the_base(tmp_path):
     # PEFT re-enables every active adapter's grads when disable_adapter() exits; the method re-freezes
     with ctx.model.disable_adapter():
         torch.testing.assert_close(_logits(ctx.model, IDS), _logits(tiny_model(0), IDS))
-    hist = train_steps(ctx, task, 3, stream=2)
+    hist = train_steps(ctx, task, 2, stream=2)
     after = _lora(ctx.model)
     assert all(h["penalty"] > 0 for h in hist)
     for n in before:
@@ -131,7 +131,7 @@ def test_olora_trains_only_the_new_adapter_and_keeps_the_base(tmp_path):
 def _olora_run(tmp_path, seed=0):
     ctx, task = _ctx(tmp_path, "olora", seed=seed)
     ctx.method.before_domain(ctx, 1, "d1")
-    losses = [h["loss"] for h in train_steps(ctx, task, 2, stream=1)]
+    losses = [h["loss"] for h in train_steps(ctx, task, 1, stream=1)]
     ctx.method.before_domain(ctx, 2, "d2")
     losses += [h["loss"] for h in train_steps(ctx, task, 2, stream=2)]
     return ctx, losses
@@ -154,11 +154,20 @@ def test_olora_state_round_trip_recreates_adapters_and_is_deterministic(tmp_path
     assert again == losses
 
 
-def test_olora_orthogonality_helper_rejects_unknown_norm():
+def test_bad_options_are_one_line_errors(tmp_path):
     with pytest.raises(SafeAnchorError):
         orthogonality([torch.ones(2, 3)], torch.ones(2, 3), "l3")
     with pytest.raises(SafeAnchorError):
         get_method("olora", {"orth_norm": "cosine"})
+    with pytest.raises(SafeAnchorError):
+        get_method("safelora", {"projector": "svd"})
+    reinit = {"train.reinit_adapter_per_domain": True}  # would wipe O-LoRA's domain-1 adapter / the vaccination
+    ctx, _ = _ctx(tmp_path, "olora", overrides=reinit)
+    with pytest.raises(SafeAnchorError, match="reinit_adapter_per_domain"):
+        ctx.method.before_domain(ctx, 2, "d2")
+    ctx, _ = _ctx(tmp_path, "vaccine", overrides=reinit)
+    with pytest.raises(SafeAnchorError, match="merge"):
+        ctx.method.prepare(ctx)
 
 
 # -- Safe LoRA ------------------------------------------------------------------------------------------
@@ -317,13 +326,17 @@ def _safelora_run(tmp_path, options):
     base_dir, aligned = _aligned_dir(tmp_path)
     ctx, task = _ctx(tmp_path, "safelora", options, model=aligned, base_dir=base_dir)
     prep = ctx.method.prepare(ctx)
+    base0 = _base(ctx.model)
     recs, losses = [], []
     for t in (1, 2):
         ctx.method.before_domain(ctx, t, f"d{t}")
         start = {n: l.lora_B["default"].weight.detach().clone() for n, l in lora_layers(ctx.model).items()}
-        losses += [h["loss"] for h in train_steps(ctx, task, 2, stream=t)]
+        losses += [h["loss"] for h in train_steps(ctx, task, 1, stream=t)]
         end = _lora(ctx.model)
         recs.append((start, end, ctx.method.after_domain(ctx, t, f"d{t}")))
+        for n, p in _lora(ctx.model).items():  # after_domain changes lora_B only
+            assert torch.equal(p, end[n]) or ".lora_B." in n, n
+    assert all(torch.equal(p, base0[n]) for n, p in _base(ctx.model).items())
     return ctx, prep, recs, losses
 
 
@@ -418,7 +431,7 @@ def test_vaccine_perturbation_is_rho_g_over_global_norm(tmp_path, arch):
     loss.backward()
     for h in handles:
         h.remove()
-    assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(loss.item(), rel=1e-5)
     assert float(out["loss"]) > float(out["clean_loss"])  # the ascent direction raises the loss
     for n, p in ctx.model.named_parameters():
         if p.grad is not None:
@@ -436,7 +449,7 @@ def test_vaccine_hooks_are_removed_after_an_error(tmp_path):
 
 
 def _vaccine_prepare(tmp_path, options, seed=0):
-    ctx, task = _ctx(tmp_path, "vaccine", {"steps": 3, **options}, seed=seed)
+    ctx, task = _ctx(tmp_path, "vaccine", {"steps": 2, **options}, seed=seed)
     rec = ctx.method.prepare(ctx)
     return ctx, task, rec
 
@@ -445,7 +458,7 @@ def test_vaccine_prepare_trains_the_lora_once_then_plain_sequential(tmp_path):
     ctx0, _ = _ctx(tmp_path, "vaccine")
     lora0, base0 = _lora(ctx0.model), _base(ctx0.model)
     ctx, task, rec = _vaccine_prepare(tmp_path, {})
-    assert rec["steps"] == 3 and rec["hooked_modules"] == 2 and rec["rho"] == 2.0
+    assert rec["steps"] == 2 and rec["hooked_modules"] == 2 and rec["rho"] == 2.0
     assert rec["first_loss"] > rec["first_clean_loss"]
     lora, base = _lora(ctx.model), _base(ctx.model)
     assert all(not torch.equal(lora[n], lora0[n]) for n in lora)
@@ -454,7 +467,7 @@ def test_vaccine_prepare_trains_the_lora_once_then_plain_sequential(tmp_path):
     assert not (tmp_path / "checkpoints" / "vaccine.pt").exists()
     # the domains are standard LoRA: the default step, no per-step change
     assert type(ctx.method).compute_grads is Method.compute_grads
-    hist = train_steps(ctx, task, 2, stream=1)
+    hist = train_steps(ctx, task, 1, stream=1)
     assert "penalty" not in hist[0]
     # same seed, same losses; the state round trip is trivial without merge
     ctx2, _, rec2 = _vaccine_prepare(tmp_path, {})

@@ -83,6 +83,13 @@ def test_failed_task_is_recorded_and_exit_code_is_2(tmp_path, offline_data, caps
     assert "task wildguard" in capsys.readouterr().err
 
 
+def test_list_shows_every_task_and_its_options(capsys):
+    assert cli.run_eval(argparse.Namespace(list=True)) == 0
+    out = capsys.readouterr().out
+    assert "bbq.bias_definition='abs_amb'" in out and "composite.truthfulqa_metric='mc2'" in out
+    assert all(line.split(":")[0] in out for line in ("harmbench:", "wildguard:", "legalbench:"))
+
+
 def test_main_wires_the_eval_subcommand(tmp_path, offline_data):
     from safeanchor.cli import main
 

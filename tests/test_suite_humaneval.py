@@ -270,9 +270,9 @@ def test_humaneval_scoring_survives_hostile_completions(problems, outside, tmp_p
     escape = Path(f"/tmp/safeanchor_escape_{secrets.token_hex(6)}")
     outside_dir, sentinel = outside
     programs = hostile_programs(marker, outside_dir, sentinel, tmp_path, escape, 9)
-    p0 = problems["HumanEval/0"]
     samples = [{"task_id": "HumanEval/0", "completion": "    return False\n" + code} for code, _ in programs.values()]
-    samples += [{"task_id": tid, "completion": problems[tid]["canonical_solution"]} for tid in ("HumanEval/1", "HumanEval/4")]
+    samples += [{"task_id": tid, "completion": problems[tid]["canonical_solution"]}
+                for tid in ("HumanEval/1", "HumanEval/4")]
     path = tmp_path / "samples.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
     start = time.time()
@@ -285,7 +285,6 @@ def test_humaneval_scoring_survives_hostile_completions(problems, outside, tmp_p
     assert metrics["n"] == 3 and metrics["pass@1"] == pytest.approx(200 / 3, abs=0.01)
     assert metrics["n_timed_out"] == 1 and metrics["complete"] is False
     assert not escape.exists() and sentinel.read_text() == "keep me"
-    assert p0["entry_point"] == "has_close_elements"
     time.sleep(0.2)
     assert _marker_processes(marker) == []
 
@@ -296,6 +295,10 @@ def test_sandbox_reports_plain_outcomes():
     assert ok.passed and ok.status == "passed" and ok.stdout.strip() == "hi /tmp/work True"
     bad = run_untrusted("raise ValueError('nope')")
     assert bad.status == "failed" and bad.returncode == 1 and "ValueError: nope" in bad.stderr
+    # renaming its output file to a link to a root-only file does not make the launcher read that file
+    swap = run_untrusted("import os, sys\nprint('mine', flush=True)\nos.remove('stdout')\n"
+                         "os.symlink('/etc/shadow', 'stdout')\nprint('more', flush=True)")
+    assert swap.passed and swap.stdout == "mine\nmore\n"
 
 
 def test_sandbox_fails_loudly_without_isolation(monkeypatch):

@@ -124,3 +124,15 @@ def test_wildguard_and_harmbench_inputs(monkeypatch):
     hb = judges.HarmBenchClassifierJudge()
     hb.template = "[B]{behavior}[G]{generation}"
     assert hb.build_input("b", "g") == "[B]b[G]g"
+
+
+def test_model_judge_generates_with_a_real_model(monkeypatch):
+    """The batched, left-padded greedy decode path on the tiny Llama (its output is noise: labels -1/0/1)."""
+    from safeanchor.models import tiny_model, tiny_tokenizer
+
+    monkeypatch.setattr(judges, "load_hf_classifier", lambda model_id, device=None: (tiny_model(), tiny_tokenizer()))
+    j = judges.get_judge("llamaguard3-1b")
+    j.batch_size, j.max_new_tokens = 2, 4
+    labels = j(["short", "a much longer prompt than the first", "x"], ["ok", "", "sure"])
+    assert len(labels) == 3 and set(labels) <= {-1, 0, 1}
+    assert all(isinstance(d["judge_output"], str) for d in j.details)

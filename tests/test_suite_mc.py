@@ -179,3 +179,11 @@ def test_letter_format_and_shots():
     ctx = mc.lettered("What?", ["x", "y"], "Question: ")
     assert ctx == "Question: What?\nA. x\nB. y\nAnswer:"
     assert mc.with_shots([("D1\nAnswer:", "B")], "Q\nAnswer:", "H\n\n") == "H\n\nD1\nAnswer: B\n\nQ\nAnswer:"
+
+
+def test_batches_group_rows_that_share_a_prefix():
+    primer = [1] * 50
+    rows = [primer + [2, 3, 4, 5], primer + [2, 3, 4, 6], [7, 8, 9, 10, 11], primer + [3, 3, 3, 3], [7, 8, 9, 12, 13]]
+    batches = mc._plan_batches(rows, [1] * 5, batch_size=8)
+    assert sorted(map(sorted, batches)) == [[0, 1, 3], [2, 4]]
+    assert all(len(b) <= 2 for b in mc._plan_batches(rows, [1] * 5, batch_size=2))

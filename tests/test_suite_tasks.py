@@ -131,13 +131,13 @@ def test_balanced_accuracy_by_hand():
 def test_legalbench_run(tmp_path, monkeypatch, tiny):
     def load(task):
         rows = [{"task": task, "text": f"Clause {i} of {task}.", "question": f"Does it cover {i}?",
-                 "answer": "Yes" if i % 2 else "No"} for i in range(4)]
+                 "answer": "Yes" if i % 2 else "No"} for i in range(3)]
         return {"eval": rows, "train": [dict(rows[0], text="Training clause.")]}
 
     monkeypatch.setattr(legalbench, "load_task", load)
     model, tok = tiny
     res = legalbench.run(model, tok, out_dir=tmp_path, num_fewshot=1)
-    assert res["n"] == 8 and set(res["by_task"]) == {"privacy_policy_qa", "contract_qa"}
+    assert res["n"] == 6 and set(res["by_task"]) == {"privacy_policy_qa", "contract_qa"}
     for task, v in res["by_task"].items():
         rows = load(task)["eval"]
         demo = (legalbench.prompt(task, "Training clause.", "Does it cover 0?"), "No")

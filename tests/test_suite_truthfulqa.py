@@ -69,3 +69,22 @@ def test_limit_is_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(truthfulqa, "load_bigbench", lambda: [truthfulqa.from_bigbench(e) for e in BIGBENCH_EXAMPLES])
     res = truthfulqa.run(tiny_model(), tiny_tokenizer(), out_dir=tmp_path, limit=1, seed=4)
     assert res["n"] == 1 and res["data"]["selection"].startswith("seeded sample of 1 of 2")
+
+
+def test_hf_source(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from safeanchor.errors import SafeAnchorError
+
+    rows = [{"question": e["Question"], **{k: v for k, v in truthfulqa.from_bigbench(e).items() if k.endswith("targets")}}
+            for e in BIGBENCH_EXAMPLES]
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda path, name, split: rows if (path, name, split) == (
+        "truthfulqa/truthful_qa", "multiple_choice", "validation") else None
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    res = truthfulqa.run(tiny_model(), tiny_tokenizer(), out_dir=tmp_path, source="hf")
+    assert res["n"] == 2 and res["source"].startswith("hf:truthfulqa/truthful_qa")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(SafeAnchorError, match="pip install datasets"):
+        truthfulqa.run(tiny_model(), tiny_tokenizer(), out_dir=tmp_path, source="hf")

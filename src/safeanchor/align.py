@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -131,15 +132,17 @@ def train_alignment(cfg, target: Path, progress=print) -> dict:
 
 
 def _save_base(model, tok, target: Path, report: dict, adapter_dir: Path | None) -> None:
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # per process: concurrent runs may build it too
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     if adapter_dir is not None:
         shutil.copytree(adapter_dir, tmp / "alignment_adapter")
     (tmp / "ALIGNMENT.json").write_text(json.dumps(report, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same base first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def merge_artifact(cfg, target: Path, progress=print) -> dict:
@@ -168,6 +171,8 @@ def ensure_aligned(cfg, progress=print, force: bool = False) -> Path:
     if (target / "config.json").exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if force:
+        shutil.rmtree(target, ignore_errors=True)
     if cfg.align.artifact:
         merge_artifact(cfg, target, progress)
     else:

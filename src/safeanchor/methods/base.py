@@ -56,7 +56,7 @@ class Method:
     def compute_grads(self, ctx, micro_batches: list[dict]) -> dict:
         """Accumulate gradients of mean(task loss) + penalty over the micro-batches; return logs."""
         n = len(micro_batches)
-        task_total, pen_total = 0.0, 0.0
+        task_total, pen_total, has_pen = 0.0, 0.0, False
         for batch in micro_batches:
             task = mean_token_nll(ctx.model, batch)
             pen = self.penalty(ctx)
@@ -64,9 +64,11 @@ class Method:
             ctx.check_finite(loss, "training loss")
             ctx.backward(loss / n)
             task_total += task.item() / n
-            pen_total += 0.0 if pen is None else pen.item() / n
+            if pen is not None:
+                has_pen = True
+                pen_total += pen.item() / n
         logs = {"loss": task_total}
-        if pen_total:
+        if has_pen:
             logs["penalty"] = pen_total
         return logs
 

@@ -25,7 +25,8 @@ Which Fisher and anchor (``fisher_data``, ``online``; methods-notes 6(e)):
 The B = 0 degeneracy: PEFT starts B at zero, so at theta_0 every A-score is exactly zero
 (d/dA of s B A x = 0 when B = 0): the default safety Fisher has F_A = 0 and leaves A unconstrained;
 only B is anchored (and B alone already gates the adapter's output: delta W = s B A). The prepare
-record reports ``fisher_zero_fraction``; ``online: true`` recomputes F at later points where F_A != 0.
+record reports the zero fraction of F (``fisher.zero_fraction``); ``online: true`` recomputes F at
+later points, where F_A != 0.
 EWC-LoRA (arXiv:2602.17559) instead regularises delta W = B A jointly; not implemented here.
 
 lambda and the Fisher's scale (``fisher_norm``). Raw F depends on sequence length (scores sum over

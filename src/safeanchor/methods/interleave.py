@@ -9,9 +9,9 @@ as the public SafeAnchor code does, gives 1/9 = 11% with batch 8: methods-notes 
     relative_to = "mixture" (default):  k / (n + k) = ratio,  k ~= ratio * n / (1 - ratio)
     relative_to = "domain":             k / n = ratio,        k ~= ratio * n
 
-with k the integer whose share is closest to the ratio (as exact as integer counts allow). ratio = 0.10 is the
-SafeAnchor paper's "10% BeaverTails mixed into each domain" of the final mixture (5,000 domain
-examples -> 556 safety examples); Bianchi et al. found ~3% already helps and that much more causes
+with k the integer whose share is closest to the ratio (as exact as integer counts allow).
+ratio = 0.10 is the SafeAnchor paper's "10% BeaverTails mixed into each domain" of the final mixture
+(5,000 domain examples -> 556 safety examples); Bianchi et al. found ~3% already helps and that much more causes
 exaggerated safety (report over-refusal alongside refusal).
 
 The safety examples are the run's safety calibration set (``ctx.calibration``, N_s examples), the same

@@ -144,7 +144,8 @@ class OLoRA(Method):
     def after_domain(self, ctx, t: int, domain: str) -> dict:
         counts = {}
         for name in self.adapters:
-            counts[name] = sum(a.weight.numel() + b.weight.numel() for a, b in ss.lora_modules(ctx.model, name).values())
+            modules = ss.lora_modules(ctx.model, name).values()
+            counts[name] = sum(a.weight.numel() + b.weight.numel() for a, b in modules)
         rec = {"adapter": self.adapters[-1], "adapters": len(self.adapters),
                "trainable_params": counts[self.adapters[-1]], "stored_params": sum(counts.values()),
                "effective_rank": ctx.cfg.lora.r * len(self.adapters)}

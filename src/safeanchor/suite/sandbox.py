@@ -269,8 +269,9 @@ def _limits(cfg: dict) -> None:
         resource.setrlimit(what, value if isinstance(value, tuple) else (value, value))
 
 
-def _child(cfg: dict, work: str, program: str, err_w: int) -> None:
-    """In the fork: become the program (never returns). Setup errors go to ``err_w``."""
+def _child(cfg: dict, work: str, program: str, err_w: int, outputs: tuple[int, int]) -> None:
+    """In the fork: become the program (never returns). ``outputs`` are the write ends of its stdout and
+    stderr files; setup errors go to ``err_w``."""
     try:
         strict = cfg["isolation"] == "namespaces"
         os.setsid()
@@ -279,18 +280,14 @@ def _child(cfg: dict, work: str, program: str, err_w: int) -> None:
                 _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
             except _Setup:
                 pass  # the host's /proc stays (read-only); other users' environ is unreadable anyway
-        out = os.open(os.path.join(work, "stdout"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        err = os.open(os.path.join(work, "stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         null = os.open("/dev/null", os.O_RDONLY)
-        for fd, target in ((null, 0), (out, 1), (err, 2)):
+        for fd, target in ((null, 0), (outputs[0], 1), (outputs[1], 2)):
             os.dup2(fd, target)
             os.close(fd)
         os.chdir(work)
         _limits(cfg)
         if strict:
             uid = cfg["uid"]
-            os.fchown(1, uid, uid)
-            os.fchown(2, uid, uid)
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
@@ -305,14 +302,12 @@ def _child(cfg: dict, work: str, program: str, err_w: int) -> None:
     os._exit(127)
 
 
-def _tail(path: str) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 4 * TAIL))
-            return fh.read().decode("utf-8", errors="replace")[-TAIL:]
-    except OSError:
-        return ""
+def _tail(fd: int) -> str:
+    """The last TAIL characters of an output file, read through the launcher's own descriptor (the
+    program may replace the file's name with a link to something else; the descriptor keeps the inode)."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, 4 * TAIL, max(0, size - 4 * TAIL))
+    return data.decode("utf-8", errors="replace")[-TAIL:]
 
 
 def _wait(pid: int, timeout: float) -> tuple[int, bool]:
@@ -359,18 +354,24 @@ def _launch(cfg: dict) -> int:
         fh.write(code)
     if strict:
         os.chown(program, cfg["uid"], cfg["uid"])
+    writers, readers = [], []
+    for name in ("stdout", "stderr"):  # root-owned 0600: the program holds only the inherited write end
+        path = os.path.join(work, name)
+        writers.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        readers.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         os.close(err_r)
-        _child(cfg, work, program, err_w)
-    os.close(err_w)
+        _child(cfg, work, program, err_w, tuple(writers))
+    for fd in (err_w, *writers):
+        os.close(fd)
     status, timed_out = _wait(pid, cfg["timeout"])
     elapsed = round(time.monotonic() - start, 3)
     setup_error = os.read(err_r, 4000).decode(errors="replace")
     rc = os.waitstatus_to_exitcode(status)
-    stdout, stderr = _tail(os.path.join(work, "stdout")), _tail(os.path.join(work, "stderr"))
+    stdout, stderr = _tail(readers[0]), _tail(readers[1])
     if not strict:
         shutil.rmtree(work, ignore_errors=True)
     if setup_error:
