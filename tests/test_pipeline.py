@@ -92,3 +92,13 @@ def test_killed_run_resumes_to_identical_results(smoke_run, tmp_path, crash_at):
 
     assert strip(resumed["steps"]) == strip(json.loads(json.dumps(reference["steps"])))
     assert not list((out / "checkpoints").glob("*.pt"))
+
+
+def test_suite_tasks_after_every_step(tmp_path):
+    """eval.tasks runs the evaluation suite after the base and every domain, into results.json."""
+    cfg = load_config("smoke", overrides={"eval.tasks": ["harmbench"], "eval.task_limit": 3,
+                                          "data.domains": ["tiny-arith"]})
+    res = run(cfg, tmp_path / "run", progress=lambda *_: None)
+    for step in res["steps"]:
+        assert "harmbench" in step["suite"] and "error" not in step["suite"]["harmbench"]
+    assert (tmp_path / "run" / "suite" / "1-tiny-arith" / "metrics.json").exists()

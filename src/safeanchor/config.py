@@ -78,7 +78,9 @@ class EvalConfig:
                     "a hub id / local dir of a Llama Guard model")
     max_new_tokens: int = _f(64, "greedy generation length for judged responses")
     batch_size: int = _f(16, "generation batch size")
-    tasks: list = _f([], "extra evaluation-suite tasks after each step (see `safeanchor eval --help`)")
+    tasks: list = _f([], "evaluation-suite tasks run after the base and every domain (`safeanchor eval --list`); "
+                     "their metrics go into each step's `suite` and `composite_safety`")
+    task_limit: int = _f(0, "items per suite task (seeded sample, recorded); 0 = all")
 
 
 @dataclass

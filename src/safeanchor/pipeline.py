@@ -181,8 +181,18 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
                  f"over-refusal {entry['over_refusal_rate']:.1f}%  domain scores {entry['domain_scores']}")
 
     def measure(k: int, after: str) -> dict:
-        return evaluate_step(ctx.model, tok, judge, cfg, probe, benign, domain_evals,
-                             run_dir / "generations" / f"{k}-{after}.jsonl")
+        out = evaluate_step(ctx.model, tok, judge, cfg, probe, benign, domain_evals,
+                            run_dir / "generations" / f"{k}-{after}.jsonl")
+        if cfg.eval.tasks:
+            from .suite import evaluate as run_suite
+
+            report = run_suite(ctx.model, tok, list(cfg.eval.tasks), run_dir / "suite" / f"{k}-{after}", judge=judge,
+                               limit=cfg.eval.task_limit or None, seed=cfg.seed)
+            out["suite"] = {name: {m: v for m, v in res.items() if isinstance(v, (int, float, str))}
+                            for name, res in report["tasks"].items()}
+            if "composite_safety" in report:
+                out["composite_safety"] = report["composite_safety"]
+        return out
 
     if not results["steps"]:
         t0 = time.time()
