@@ -73,10 +73,13 @@ def alignment_data(cfg, model, tok, judge, progress=print) -> tuple[list[dict], 
     answers = generate(model, tok, benign, ac.answer_tokens, cfg.eval.batch_size, desc="self-distil")
     labels = judge(benign, answers)
     kept = [{"prompt": p, "response": a} for p, a, lbl in zip(benign, answers, labels) if lbl == 0 and a.strip()]
-    examples = [{"prompt": p, "response": refusal(p, rng)} for p in harmful] + kept
+    lookalike = set(borderline)
+    extra = [e for e in kept if e["prompt"] in lookalike] * max(0, ac.borderline_weight - 1)
+    examples = [{"prompt": p, "response": refusal(p, rng)} for p in harmful] + kept + extra
     rng.shuffle(examples)
     stats = {"harmful": len(harmful), "benign_prompts": len(benign), "benign_kept": len(kept),
-             "benign_borderline": len(borderline)}
+             "benign_borderline": len(borderline), "borderline_weight": ac.borderline_weight,
+             "examples": len(examples)}
     return examples, stats
 
 

@@ -107,6 +107,15 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_spectrum(args) -> int:
+    from .analysis import fisher_spectrum
+
+    out = Path(args.out)
+    fisher_spectrum(_config(args), out, n=args.examples, rho=args.rho)
+    print((out / "spectrum.md").read_text())
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .config import list_presets
 
@@ -142,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="where comparison.md / comparison.png go")
     c.add_argument("--by-dir", action="store_true", help="label rows by directory name (ablations) not method")
     c.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("spectrum", help="Fisher spectrum per LoRA module: safety calibration vs random / domain data")
+    config_args(s)
+    s.add_argument("--examples", type=int, help="examples per data source (default: data.calibration_size)")
+    s.add_argument("--rho", type=float, default=0.90, help="share of the trace the basis covers (default 0.90)")
+    s.add_argument("--out", required=True, help="directory for spectrum.json / spectrum.md / spectrum.png")
+    s.set_defaults(func=cmd_spectrum)
 
     sub.add_parser("methods", help="list methods with their papers and options").set_defaults(func=cmd_methods)
     sub.add_parser("presets", help="list shipped presets").set_defaults(func=cmd_presets)
