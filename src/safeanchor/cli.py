@@ -39,7 +39,7 @@ def cmd_run(args) -> int:
     methods = [m.strip() for m in (args.method or "").split(",") if m.strip()] or [None]
     seeds = [int(s) for s in str(args.seed).split(",")] if args.seed is not None else [None]
     out = Path(args.out or f"runs/{args.preset or Path(args.config).stem}")
-    runs = {}
+    plan = []
     for method in methods:
         for seed in seeds:
             extra = {}
@@ -47,8 +47,14 @@ def cmd_run(args) -> int:
                 extra["method"] = method
             if seed is not None:
                 extra["seed"] = seed
-            cfg = _config(args, extra)
+            cfg = _config(args, extra)  # every config is checked before any work starts
             run_dir = out if len(methods) * len(seeds) == 1 else out / f"{cfg.method}-seed{cfg.seed}"
+            plan.append((cfg, run_dir))
+    if args.jobs > 1 and len(plan) > 1:
+        runs = _run_parallel(args, plan, args.jobs)
+    else:
+        runs = {}
+        for cfg, run_dir in plan:
             print(f"== {cfg.method} seed {cfg.seed} -> {run_dir}", flush=True)
             runs[(cfg.method, cfg.seed)] = run(cfg, run_dir)
     if len(runs) > 1:
@@ -57,6 +63,65 @@ def cmd_run(args) -> int:
     else:
         print((out / "results.md").read_text())
     return 0
+
+
+def _run_parallel(args, plan, jobs: int) -> dict:
+    """Each (method, seed) in its own `safeanchor run` process, ``jobs`` at a time, CPU threads split
+    between them (one process per GPU round-robin when several GPUs are visible). Output of each goes
+    to <run_dir>/run.log; a failed run stops the rest from starting and is reported with its last line."""
+    import os
+    import subprocess
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    passthrough = []
+    if args.preset:
+        passthrough += ["--preset", args.preset]
+    if args.config:
+        passthrough += ["--config", args.config]
+    for kv in args.set or []:
+        passthrough += ["--set", kv]
+    pending, running, results, failed = list(plan), [], {}, []
+    bar = tqdm(total=len(plan), desc=f"runs ({jobs} at a time)", unit="run")
+    while pending or running:
+        while pending and len(running) < jobs and not failed:
+            cfg, run_dir = pending.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                       OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+            slot = min(set(range(jobs)) - {r[4] for r in running})
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+            cmd = [sys.executable, "-m", "safeanchor.cli", "run", *passthrough, "--method", cfg.method,
+                   "--seed", str(cfg.seed), "--out", str(run_dir)]
+            log = open(run_dir / "run.log", "a")
+            tqdm.write(f"== {cfg.method} seed {cfg.seed} -> {run_dir} (log: {run_dir / 'run.log'})")
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), cfg, run_dir, log,
+                            slot))
+        time.sleep(2)
+        for item in list(running):
+            proc, cfg, run_dir, log, _ = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            bar.update(1)
+            if proc.returncode == 0:
+                results[(cfg.method, cfg.seed)] = json.loads((run_dir / "results.json").read_text())
+            else:
+                lines = (run_dir / "run.log").read_text(errors="replace").strip().splitlines()
+                failed.append(f"{cfg.method} seed {cfg.seed}: {lines[-1] if lines else 'no output'}")
+        if failed and not running:
+            break
+    bar.close()
+    if failed:
+        raise SafeAnchorError(f"{len(failed)} run(s) failed ({'; '.join(failed)}); see their run.log, fix, "
+                              f"and rerun the same command to resume")
+    return results
 
 
 def cmd_align(args) -> int:
@@ -138,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", help="method name, or a comma list to compare (see `safeanchor methods`)")
     r.add_argument("--seed", help="seed, or a comma list")
     r.add_argument("--out", help="run directory (default runs/<preset>); rerunning resumes it")
+    r.add_argument("--jobs", type=int, default=1, help="run up to N (method, seed) runs at once, each in its own "
+                   "process with cpu_count/N threads (or its own GPU); logs go to <run>/run.log")
     r.set_defaults(func=cmd_run)
 
     a = sub.add_parser("align", help="build (or show) the cached safety-aligned base")

@@ -26,6 +26,16 @@ def summary(results: dict) -> dict:
             "pts_per_step": (last - base) / n if len(steps) > 1 else 0.0}
 
 
+def wall_seconds(results: dict) -> float:
+    """Seconds of work recorded in a run: method preparation + per step training, method and evaluation
+    (model loading and the shared aligned base are not counted)."""
+    total = float((results.get("prepare") or {}).get("seconds", 0.0))
+    for s in results["steps"]:
+        total += s.get("eval_seconds", 0.0) + s.get("train", {}).get("seconds", 0.0)
+        total += s.get("train", {}).get("method_seconds", 0.0)
+    return total
+
+
 def write_report(run_dir: Path, results: dict) -> None:
     s = summary(results)
     retained = "n/a" if s["retained_pct"] is None else f"{s['retained_pct']:.1f}%"
@@ -71,21 +81,24 @@ def compare(out: Path, runs: dict) -> Path:
     for (method, _seed), res in runs.items():
         by_method.setdefault(method, []).append(res)
     lines = ["| method | seeds | base refusal % | final refusal % | % retained | pts/step | final over-refusal % | "
-             "mean final domain score | train s |", "|" + "---|" * 9]
+             "mean final domain score | train s | wall s |", "|" + "---|" * 10]
 
     def ms(values):
         values = [v for v in values if v is not None]
+        if not values:
+            return "n/a"
         return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
     for method, results in by_method.items():
         sums = [summary(r) for r in results]
         final_scores = [float(np.mean(list(r["steps"][-1]["domain_scores"].values()))) for r in results]
         train_s = [sum(s.get("train", {}).get("seconds", 0) for s in r["steps"]) for r in results]
+        wall_s = [wall_seconds(r) for r in results]
         lines.append(f"| {method} | {len(results)} | {ms([s['base_refusal'] for s in sums])} | "
                      f"{ms([s['final_refusal'] for s in sums])} | {ms([s['retained_pct'] for s in sums])} | "
                      f"{ms([s['pts_per_step'] for s in sums])} | "
                      f"{ms([r['steps'][-1]['over_refusal_rate'] for r in results])} | {ms(final_scores)} | "
-                     f"{ms(train_s)} |")
+                     f"{ms(train_s)} | {ms(wall_s)} |")
     lines += ["", "Trajectories (first seed of each method):", ""]
     for method, results in by_method.items():
         lines += [f"**{method}**", "", *trajectory_rows(results[0]), ""]

@@ -1,0 +1,29 @@
+"""`safeanchor run --jobs N`: (method, seed) runs in separate processes give the same results as one
+process running them in turn; a failing run is reported in one line with exit code 2."""
+import json
+
+from safeanchor.cli import main
+
+
+def _numbers(run_dir):
+    res = json.loads((run_dir / "results.json").read_text())
+    return [(s["refusal_rate"], s["over_refusal_rate"], s["domain_scores"], s.get("train", {}).get("final_loss"))
+            for s in res["steps"]]
+
+
+def test_parallel_runs_match_sequential(tmp_path, capsys):
+    args = ["run", "--preset", "smoke", "--method", "standard,interleave", "--seed", "3"]
+    assert main([*args, "--out", str(tmp_path / "seq")]) == 0
+    assert main([*args, "--jobs", "2", "--out", str(tmp_path / "par")]) == 0
+    for name in ("standard-seed3", "interleave-seed3"):
+        assert _numbers(tmp_path / "seq" / name) == _numbers(tmp_path / "par" / name)
+        assert (tmp_path / "par" / name / "run.log").stat().st_size > 0
+    assert "wall s" in (tmp_path / "par" / "comparison.md").read_text()
+
+
+def test_parallel_failure_is_one_line(tmp_path, capsys):
+    code = main(["run", "--preset", "smoke", "--method", "standard,interleave", "--jobs", "2",
+                 "--set", "train.lr=1e30", "--set", "train.steps_per_domain=3", "--out", str(tmp_path / "bad")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # tqdm bars aside
+    assert code == 2 and len(err) == 1, err
+    assert "failed" in err[0] and "run.log" in err[0] and "loss" in err[0], err[0]
