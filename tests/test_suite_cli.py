@@ -96,3 +96,26 @@ def test_main_wires_the_eval_subcommand(tmp_path, offline_data):
     assert main(["eval", "--model", "tiny-random", "--tasks", "nope", "--out", str(tmp_path)]) == 2
     assert main(["eval", "--model", "tiny-random", "--tasks", "truthfulqa", "--limit", "1", "--device", "cpu",
                  "--out", str(tmp_path / "m")]) == 0
+
+
+def test_eval_run_gives_every_step_the_same_numbers_as_direct_eval(tmp_path, offline_data, capsys):
+    from safeanchor.config import load_config
+    from safeanchor.pipeline import run
+
+    cfg = load_config("smoke", overrides={"train.steps_per_domain": 2, "data.domains": ["tiny-arith", "tiny-upper"]})
+    run(cfg, tmp_path / "run", progress=lambda *_: None)
+    rc = cli.run_eval(args(tmp_path, run=str(tmp_path / "run"), tasks="truthfulqa", out=str(tmp_path / "traj")))
+    assert rc == 0
+    traj = json.loads((tmp_path / "traj" / "trajectory.json").read_text())
+    assert [s["after"] for s in traj["steps"]] == ["base", "tiny-arith", "tiny-upper"]
+    assert "truthfulqa mc2" in (tmp_path / "traj" / "trajectory.md").read_text()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    direct = tmp_path / "direct"
+    assert cli.run_eval(args(tmp_path, model=str(tmp_path / "run" / results["base_model_dir"]),
+                             adapter=str(tmp_path / "run" / results["steps"][2]["adapter"]), tasks="truthfulqa",
+                             out=str(direct))) == 0
+    got = traj["steps"][2]["tasks"]["truthfulqa"]
+    want = json.loads((direct / "metrics.json").read_text())["tasks"]["truthfulqa"]
+    assert got["mc2"] == want["mc2"] and got["mc1"] == want["mc1"]
+    with pytest.raises(SafeAnchorError, match="no results.json"):
+        cli.run_eval(args(tmp_path, run=str(tmp_path), tasks="truthfulqa"))

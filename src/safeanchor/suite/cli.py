@@ -24,6 +24,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                                           "per-item records under OUT/<task>/.")
     p.add_argument("--model", help="HF hub id, local directory, .gguf, embedded:smollm2 or tiny-random")
     p.add_argument("--adapter", help="a PEFT adapter directory to load on top of --model")
+    p.add_argument("--run", help="a finished `safeanchor run` directory: evaluate its aligned base and the adapter "
+                   "after every domain (OUT/<k>-<after>/, OUT/trajectory.md); reruns skip finished steps")
     p.add_argument("--tasks", help=f"comma list of: {', '.join(TASKS)} (default: {DEFAULT_TASKS})")
     p.add_argument("--judge", default="keyword", help="keyword (offline), llamaguard, llamaguard2, llamaguard3, "
                    "llamaguard3-1b, wildguard, harmbench-cls, KIND:MODEL_ID, or a Llama Guard id")
@@ -149,6 +151,57 @@ def list_tasks() -> str:
     return "\n".join(lines)
 
 
+def _eval_run(args) -> int:
+    """Every step of a finished run (base, +domain 1, ...) through the same tasks: a trajectory."""
+    from ..judges import get_judge
+
+    run_dir, out = Path(args.run), Path(args.out)
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise SafeAnchorError(f"--run {run_dir}: no results.json; pass a directory made by `safeanchor run`")
+    results = json.loads(path.read_text())
+    if not results.get("base_model_dir"):
+        raise SafeAnchorError(f"--run {run_dir} has no base_model_dir (an unaligned run); use --model/--adapter")
+    base = str(run_dir / results["base_model_dir"])
+    tasks = parse_tasks(args.tasks or DEFAULT_TASKS)
+    judge = get_judge(args.judge)
+    rows = []
+    for k, step in enumerate(results["steps"]):
+        folder = out / f"{k}-{step['after']}"
+        if not (folder / "metrics.json").is_file():
+            adapter = str(run_dir / step["adapter"]) if step.get("adapter") else None
+            model, tokenizer = load_for_eval(base, adapter, args.device, args.dtype)
+            report = evaluate(model, tokenizer, tasks, folder, judge=judge, limit=args.limit, seed=args.seed,
+                              options=parse_sets(args.set), meta={"model": base, "adapter": adapter,
+                                                                  "run": str(run_dir), "after": step["after"]})
+            del model
+        report = json.loads((folder / "metrics.json").read_text())
+        rows.append((step["after"], report))
+    metrics = sorted({(t, m) for _, rep in rows for t, res in rep["tasks"].items() for m, v in res.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and m in _HEADLINE.get(t, ())})
+    lines = [f"# {results['method']} seed {results['seed']}: {', '.join(tasks)} after every step", "",
+             "| after | " + " | ".join(f"{t} {m}" for t, m in metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for after, rep in rows:
+        vals = [rep["tasks"].get(t, {}).get(m) for t, m in metrics]
+        lines.append(f"| {after} | " + " | ".join("" if v is None else f"{v:.2f}" for v in vals) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trajectory.md").write_text("\n".join(lines) + "\n")
+    (out / "trajectory.json").write_text(json.dumps(
+        {"run": str(run_dir), "method": results["method"], "seed": results["seed"], "tasks": tasks,
+         "steps": [{"after": a, "tasks": rep["tasks"]} for a, rep in rows]}, indent=2, default=str))
+    print("\n".join(lines))
+    failed = {(a, t): r["error"] for a, rep in rows for t, r in rep["tasks"].items() if "error" in r}
+    for (after, task), msg in failed.items():
+        print(f"safeanchor: error: {after}: task {task}: {msg}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+# metrics shown in a --run trajectory table (everything is in trajectory.json)
+_HEADLINE = {"harmbench": ("score", "asr"), "humaneval": ("pass@1",), "truthfulqa": ("mc1", "mc2"),
+             "bbq": ("bias",), "mmlu": ("acc",), "medqa": ("acc",), "legalbench": ("acc",),
+             "gcg": ("refusal_rate_clean", "refusal_rate_attack", "asr"), "wildguard": ("harmful_response_rate",)}
+
+
 def run_eval(args) -> int:
     if getattr(args, "list", False):
         print(list_tasks())
@@ -157,6 +210,8 @@ def run_eval(args) -> int:
         raise SafeAnchorError("safeanchor eval needs --out DIR")
     if args.completions:
         report = _score_completions(args, parse_tasks(args.tasks) if args.tasks else None)
+    elif getattr(args, "run", None):
+        return _eval_run(args)
     else:
         tasks = parse_tasks(args.tasks or DEFAULT_TASKS)
         if not args.model:
