@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/safeanchor run --preset quickstart --method "${METHODS:-standard,safeanchor}" --out "${OUT:-runs/quickstart}" "$@"
+# the two methods run side by side, one process and one CPU thread each (JOBS=1: one after the other)
+exec .venv/bin/safeanchor run --preset quickstart --method "${METHODS:-standard,safeanchor}" --jobs "${JOBS:-2}" \
+  --out "${OUT:-runs/quickstart}" "$@"

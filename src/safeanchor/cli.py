@@ -76,6 +76,10 @@ def _run_parallel(args, plan, jobs: int) -> dict:
     import torch
     from tqdm import tqdm
 
+    from .align import aligned_dir, ensure_aligned
+
+    for cfg in {aligned_dir(c): c for c, _ in plan if c.aligned}.values():
+        ensure_aligned(cfg)  # built once here, not by every run at the same time
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     threads = max(1, (os.cpu_count() or 1) // jobs)
     passthrough = []
