@@ -161,13 +161,115 @@ def test_bad_options_are_one_line_errors(tmp_path):
         get_method("olora", {"orth_norm": "cosine"})
     with pytest.raises(SafeAnchorError):
         get_method("safelora", {"projector": "svd"})
-    reinit = {"train.reinit_adapter_per_domain": True}  # would wipe O-LoRA's domain-1 adapter / the vaccination
-    ctx, _ = _ctx(tmp_path, "olora", overrides=reinit)
-    with pytest.raises(SafeAnchorError, match="reinit_adapter_per_domain"):
-        ctx.method.before_domain(ctx, 2, "d2")
-    ctx, _ = _ctx(tmp_path, "vaccine", overrides=reinit)
-    with pytest.raises(SafeAnchorError, match="merge"):
-        ctx.method.prepare(ctx)
+
+
+REINIT = {"train.reinit_adapter_per_domain": True}
+
+
+def _domains(ctx, task, steps=(1, 2)):
+    """Domains as the pipeline runs them: before_domain, reset_adapters under reinit, train, after_domain."""
+    losses = []
+    torch.manual_seed(11)
+    for t, n in enumerate(steps, start=1):
+        ctx.method.before_domain(ctx, t, f"d{t}")
+        if ctx.cfg.train.reinit_adapter_per_domain:
+            with torch.random.fork_rng():
+                torch.manual_seed(150 + t)
+                ctx.method.reset_adapters(ctx)
+        losses += [h["loss"] for h in train_steps(ctx, task, n, stream=t)]
+        ctx.method.after_domain(ctx, t, f"d{t}")
+    return losses
+
+
+def test_reset_adapters_reinitialises_every_trained_adapter_with_peft_init(tmp_path):
+    """The default hook resets the adapters the method trains, whatever their name (the pipeline used to
+    reset only "default"), by PEFT's init (B = 0, A Kaiming), deterministically; frozen adapters stay."""
+    from safeanchor.models import peft_lora_config
+
+    cfg = load_config("smoke", overrides=REINIT)
+    model = attach_lora(tiny_model(0), cfg.lora, adapter_name="task")
+    model.add_adapter("frozen", peft_lora_config(cfg.lora))  # inactive, not trainable
+    _randomise(model, "task", seed=1)
+    _randomise(model, "frozen", seed=2)
+    frozen = {n: p.clone() for n, p in _lora(model).items() if ".frozen." in n}
+    ctx = Context(cfg=cfg, model=model, tokenizer=tiny_tokenizer(), run_dir=tmp_path, method=Method(None))
+    resets = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        ctx.method.reset_adapters(ctx)
+        resets.append(_lora(model))
+    for n, p in resets[0].items():
+        if ".frozen." in n:
+            assert torch.equal(p, frozen[n]), n
+        elif "lora_B" in n:
+            assert not p.any(), n
+        else:
+            assert p.abs().max() > 0 and p.abs().max() <= 1 / p.shape[1] ** 0.5 + 1e-6, n  # Kaiming-uniform(a=sqrt 5)
+        assert torch.equal(p, resets[1][n]), n
+
+
+def test_olora_reinit_is_a_no_op(tmp_path):
+    """Every O-LoRA domain already trains a fresh adapter: reinit gives the same run (it used to be refused)."""
+    plain, task = _ctx(tmp_path, "olora")
+    reinit, _ = _ctx(tmp_path, "olora", overrides=REINIT)
+    assert _domains(reinit, task) == _domains(plain, task)
+    for n, p in _lora(reinit.model).items():
+        assert torch.equal(p, _lora(plain.model)[n]), n
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_vaccine_reinit_starts_every_domain_from_the_vaccinated_model(tmp_path, merge):
+    """With reinit each domain starts from the vaccinated model (it used to be refused without merge)."""
+    ctx, task = _ctx(tmp_path, "vaccine", {"steps": 2, "merge": merge}, overrides=REINIT)
+    ctx.method.prepare(ctx)
+    vaccinated = _logits(ctx.model, IDS)
+    for t in (1, 2):
+        ctx.method.before_domain(ctx, t, f"d{t}")
+        torch.manual_seed(150 + t)
+        ctx.method.reset_adapters(ctx)
+        torch.testing.assert_close(_logits(ctx.model, IDS), vaccinated)
+        train_steps(ctx, task, 2, stream=t)
+        assert (_logits(ctx.model, IDS) - vaccinated).abs().max() > 1e-4
+    state = ctx.method.state_dict()  # a resumed run restores the same point
+    fresh, _ = _ctx(tmp_path, "vaccine", {"steps": 2, "merge": merge}, overrides=REINIT)
+    fresh.method.load_state_dict(state, fresh)
+    torch.manual_seed(0)
+    fresh.method.reset_adapters(fresh)
+    torch.testing.assert_close(_logits(fresh.model, IDS), vaccinated)
+
+
+def _load_saved(path, ids):
+    from peft import PeftModel
+
+    return _logits(PeftModel.from_pretrained(tiny_model(0), path), ids)
+
+
+def test_olora_saves_one_standard_adapter_equal_to_the_model(tmp_path):
+    """adapters/<t>-<domain> is loadable with PeftModel.from_pretrained and IS the model after domain t."""
+    import json
+
+    ctx, task = _ctx(tmp_path, "olora")
+    for t in (1, 2, 3):
+        ctx.method.before_domain(ctx, t, f"d{t}")
+        _randomise(ctx.model, ctx.method.adapters[-1], seed=int(torch.randint(0, 10**6, ())))
+        rec = ctx.method.after_domain(ctx, t, f"d{t}")
+        path = tmp_path / f"adapter{t}"
+        ctx.method.save_adapter(ctx, path)
+        ids = torch.randint(0, 259, (3, 17))
+        torch.testing.assert_close(_load_saved(path, ids), _logits(ctx.model, ids), rtol=1e-5, atol=1e-5)
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config["r"] == config["lora_alpha"] == rec["saved_rank"] == 4 * t
+        assert (path / "per_domain" / "adapter_config.json").exists()
+        assert sorted(p.name for p in (path / "per_domain").iterdir() if p.is_dir()) == \
+            [f"domain{k}" for k in range(2, t + 1)]
+
+
+def test_vaccine_merge_saves_the_vaccination_with_the_adapter(tmp_path):
+    ctx, task, _ = _vaccine_prepare(tmp_path, {"merge": True})
+    train_steps(ctx, task, 2, stream=1)
+    ctx.method.save_adapter(ctx, tmp_path / "adapter1")
+    ids = torch.randint(0, 259, (3, 17))
+    torch.testing.assert_close(_load_saved(tmp_path / "adapter1", ids), _logits(ctx.model, ids), rtol=1e-5, atol=1e-5)
 
 
 # -- Safe LoRA ------------------------------------------------------------------------------------------

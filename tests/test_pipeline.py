@@ -9,14 +9,32 @@ import pytest
 import torch
 
 from safeanchor.config import load_config
+from safeanchor.methods.vaccine import VACCINE_STREAM
 from safeanchor.pipeline import run
 
 
+VACCINE_MERGE_REINIT = {"method_options.vaccine.merge": True, "train.reinit_adapter_per_domain": True}
+
+
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    results = run(load_config("smoke"), out, progress=lambda *_: None)
-    return out, results
+def reference_run(tmp_path_factory):
+    """method -> (run dir, results) of an uninterrupted smoke run, made once per module."""
+    runs = {}
+
+    def get(method: str, overrides: dict | None = None):
+        key = (method, json.dumps(overrides, sort_keys=True))
+        if key not in runs:
+            out = tmp_path_factory.mktemp(method) / "run"
+            cfg = load_config("smoke", overrides={"method": method, **(overrides or {})})
+            runs[key] = out, run(cfg, out, progress=lambda *_: None)
+        return runs[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def smoke_run(reference_run):
+    return reference_run("standard")
 
 
 def test_results_contract(smoke_run):
@@ -49,6 +67,34 @@ def test_adapters_are_standard_peft(smoke_run):
         torch.testing.assert_close(p, state[n])
 
 
+@pytest.mark.parametrize("method, overrides", [("standard", None), ("olora", None), ("safelora", None),
+                                               ("vaccine", None), ("vaccine", VACCINE_MERGE_REINIT)])
+def test_adapter_dir_is_the_model_after_each_step(reference_run, method, overrides):
+    """results.json's contract for every method: PeftModel.from_pretrained(base_model, step's adapter) gives
+    the model after that step (rebuilt here from the run's resume state, as a resumed run would)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from safeanchor.methods import get_method
+    from safeanchor.models import attach_lora, load_model
+    from safeanchor.pipeline import _load_stage
+    from safeanchor.train import Context
+
+    out, res = reference_run(method, overrides)
+    cfg = load_config("smoke", overrides={"method": method, **(overrides or {})})
+    ids = torch.randint(0, 259, (2, 15))
+    for t, step in enumerate(res["steps"][1:], start=1):
+        model, tok = load_model(cfg.model, path=str(out / res["base_model_dir"]))
+        ctx = Context(cfg=cfg, model=attach_lora(model, cfg.lora), tokenizer=tok, run_dir=out,
+                      method=get_method(method, cfg.method_options.get(method)))
+        _load_stage(out / "state" / f"stage{t}.pt", ctx)
+        base = AutoModelForCausalLM.from_pretrained(out / res["base_model_dir"])
+        loaded = PeftModel.from_pretrained(base, out / step["adapter"]).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, ctx.model.eval()(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_training_moved_the_domain_score(smoke_run):
     _, res = smoke_run
     first = res["steps"][1]
@@ -65,23 +111,29 @@ def test_rerun_is_a_no_op_and_config_mismatch_is_refused(smoke_run):
         run(load_config("smoke", overrides={"train.lr": 0.5}), out, progress=lambda *_: None)
 
 
-def _cli(out, env_extra=None):
+def _cli(out, method, overrides=None, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "safeanchor.cli", "run", "--preset", "smoke", "--out", str(out)],
-                          capture_output=True, text=True, env=env)
+    sets = [a for k, v in (overrides or {}).items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    return subprocess.run([sys.executable, "-m", "safeanchor.cli", "run", "--preset", "smoke", "--method", method,
+                           *sets, "--out", str(out)], capture_output=True, text=True, env=env)
 
 
-@pytest.mark.parametrize("crash_at", ["2:3", "3:4"])
-def test_killed_run_resumes_to_identical_results(smoke_run, tmp_path, crash_at):
-    """Kill mid-domain (after step 3 of domain 2: between checkpoints; or right at a domain's end),
-    restart with the same command: the final results equal the uninterrupted run's."""
-    _, reference = smoke_run
+RESUME = [("standard", "2:3", None), ("standard", "3:4", None), ("olora", "2:3", None), ("olora", "3:4", None),
+          ("safelora", "1:4", None), ("vaccine", f"{VACCINE_STREAM}:3", None), ("vaccine", "2:3", VACCINE_MERGE_REINIT)]
+
+
+@pytest.mark.parametrize("method, crash_at, overrides", RESUME)
+def test_killed_run_resumes_to_identical_results(reference_run, tmp_path, method, crash_at, overrides):
+    """Kill mid-domain (after step 3 of domain 2: between checkpoints; right at a domain's end, before
+    its after_domain; inside Vaccine's vaccination), restart with the same command: the final results
+    equal the uninterrupted run's."""
+    _, reference = reference_run(method, overrides)
     out = tmp_path / "run"
-    first = _cli(out, {"SAFEANCHOR_TEST_CRASH_AT": crash_at})
+    first = _cli(out, method, overrides, {"SAFEANCHOR_TEST_CRASH_AT": crash_at})
     assert first.returncode == 137, first.stderr[-2000:]
     done_before = json.loads((out / "results.json").read_text())["steps"]
     assert len(done_before) < 4
-    second = _cli(out)
+    second = _cli(out, method, overrides)
     assert second.returncode == 0, second.stderr[-2000:]
     resumed = json.loads((out / "results.json").read_text())
 
@@ -91,6 +143,8 @@ def test_killed_run_resumes_to_identical_results(smoke_run, tmp_path, crash_at):
                 for s in steps]
 
     assert strip(resumed["steps"]) == strip(json.loads(json.dumps(reference["steps"])))
+    prepare = {k: v for k, v in reference["prepare"].items() if k != "seconds"}
+    assert {k: v for k, v in resumed["prepare"].items() if k != "seconds"} == json.loads(json.dumps(prepare))
     assert not list((out / "checkpoints").glob("*.pt"))
 
 

@@ -177,3 +177,78 @@ def attach_lora(model, cfg: LoRAConfig, adapter_name: str = "default"):
 
     check_targets(model, list(cfg.target_modules))
     return get_peft_model(model, peft_lora_config(cfg), adapter_name=adapter_name)
+
+
+# -- LoRA adapters as plain functions over a PEFT model ------------------------------------------------
+
+def trained_adapters(model) -> list[str]:
+    """Names of the LoRA adapters with trainable factors, in the order the model holds them."""
+    names: list[str] = []
+    for module in model.modules():
+        a = getattr(module, "lora_A", None)
+        if isinstance(a, torch.nn.ModuleDict):
+            names += [n for n, lin in a.items() if n not in names and lin.weight.requires_grad]
+    return names
+
+
+def reset_lora(model, adapters: list[str] | None = None) -> list[str]:
+    """Re-initialise ``adapters`` (default: every trained one) with PEFT's own init for their config
+    (``init_lora_weights``: A Kaiming-uniform or Gaussian, B = 0). Draws from torch's global RNG in
+    model order, so a seeded caller gets the same adapter every time. Returns the names reset."""
+    adapters = trained_adapters(model) if adapters is None else adapters
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "reset_lora_parameters"):
+                for name in adapters:
+                    if name in module.lora_A:
+                        module.reset_lora_parameters(name, model.peft_config[name].init_lora_weights)
+    return adapters
+
+
+def lora_factors(model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``named_modules()`` name -> (A, B, s) of every Linear LoRA layer holding ``adapter`` (detached;
+    the layer's delta is s B A, s = alpha / r)."""
+    out = {}
+    for name, module in model.named_modules():
+        a = getattr(module, "lora_A", None)
+        if isinstance(a, torch.nn.ModuleDict) and adapter in a and isinstance(a[adapter], torch.nn.Linear):
+            out[name] = (a[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
+                         float(module.scaling[adapter]))
+    return out
+
+
+def save_lora_sum(model, path, terms: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]],
+                  like: str = "default") -> int:
+    """Write the sum of several LoRA deltas as ONE standard PEFT adapter of rank R = sum_i r_i:
+
+        A = [A_1; ...; A_k]  (R x d_in),   B = [s_1 B_1, ..., s_k B_k]  (d_out x R),   alpha = R  (s = 1)
+
+    so s B A = sum_i s_i B_i A_i in every module and ``PeftModel.from_pretrained(base, path)`` gives the
+    base plus every term. ``terms``: one ``lora_factors``-style dict per delta, all over the same modules;
+    the rest of the config (targets, dropout, task) is adapter ``like``'s. Returns R."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    names = list(terms[0])
+    if any(set(t) != set(names) for t in terms):
+        raise SafeAnchorError("save_lora_sum: every LoRA term must cover the same modules")
+    tensors, ranks = {}, set()
+    for name in names:
+        a0 = terms[0][name][0]
+        a = torch.cat([t[name][0].to("cpu", torch.float32) for t in terms])
+        b = torch.cat([t[name][2] * t[name][1].to("cpu", torch.float32) for t in terms], dim=1)
+        ranks.add(a.shape[0])
+        tensors[f"{name}.lora_A.weight"] = a.to(a0.dtype).contiguous()
+        tensors[f"{name}.lora_B.weight"] = b.to(a0.dtype).contiguous()
+    if len(ranks) != 1:
+        raise SafeAnchorError(f"save_lora_sum: the summed ranks differ between modules ({sorted(ranks)})")
+    rank = ranks.pop()
+    config = copy.deepcopy(model.peft_config[like])
+    config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern = rank, rank, {}, {}
+    config.use_rslora, config.inference_mode = False, True
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(path))
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return rank

@@ -6,7 +6,8 @@ Run directory layout (``--out``)::
     results.json       method, model, seed, domains, base_model_dir, steps[...] (written after every stage)
     results.md, refusal.png
     base_model/        the aligned base (a link to the cache, or a copy), a standard HF model directory
-    adapters/<t>-<domain>/   standard PEFT adapter after each domain
+    adapters/<t>-<domain>/   standard PEFT adapter after each domain (method.save_adapter):
+                       PeftModel.from_pretrained(base_model, it) is the model after that domain
     generations/<k>-<after>.jsonl   judged completions behind every number
     state/stage<k>.pt  LoRA tensors + method state after stage k (0 = prepared base) for resuming
     checkpoints/domain<t>.pt   in-domain checkpoint (removed when the domain finishes)
@@ -34,8 +35,12 @@ from .models import attach_lora, load_model
 from .train import Context, steps_for, train_steps
 
 
+def derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 def seed_everything(*parts: int) -> None:
-    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    seed = derived_seed(*parts)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -223,9 +228,9 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
         ctx.domain_examples[domain.name] = examples
         method.before_domain(ctx, t, domain.name)
         if cfg.train.reinit_adapter_per_domain:
-            for module in ctx.model.modules():
-                if hasattr(module, "reset_lora_parameters"):
-                    module.reset_lora_parameters("default", True)
+            with torch.random.fork_rng():  # the fresh adapter depends on (seed, t) only; training's RNG is untouched
+                torch.manual_seed(derived_seed(cfg.seed, 150 + t))
+                method.reset_adapters(ctx)
         steps = steps_for(cfg, len(examples))
         ckpt = run_dir / "checkpoints" / f"domain{t}.pt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +242,7 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
         rec = method.after_domain(ctx, t, domain.name)
         after_seconds = time.time() - t0
         adapter_rel = f"adapters/{t}-{domain.name}"
-        ctx.model.save_pretrained(run_dir / adapter_rel)
+        method.save_adapter(ctx, run_dir / adapter_rel)
         _save_stage(run_dir / "state" / f"stage{t}.pt", ctx)
         t0 = time.time()
         entry = {"after": domain.name, **measure(t, domain.name), "adapter": adapter_rel,

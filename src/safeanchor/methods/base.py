@@ -6,12 +6,14 @@ The sequence (pipeline.py) calls, for a run over domains 1..T::
     for t, domain:
         examples = domain_data(ctx, t, domain, examples)                  (Interleaving)
         before_domain(ctx, t, domain)                                      (O-LoRA: new adapter)
+        reset_adapters(ctx)        only with train.reinit_adapter_per_domain (Vaccine: back to vaccinated)
         every optimizer step (train.py):
             compute_grads(ctx, micro_batches)  -> loss + penalty(ctx), backward   (Vaccine overrides)
             rewrite_gradients(ctx)             between backward and step   (OSCA, SafeGrad)
             optimizer.step()
             after_step(ctx, before)            sees the parameter update   (update projection)
         after_domain(ctx, t, domain) -> records                           (Safe LoRA, CSM, SSI update)
+        save_adapter(ctx, path)    the model after domain t as one PEFT adapter   (O-LoRA: stacked rank r t)
 
 A method is a config dataclass (every field with help text and the paper's default), a subclass of
 ``Method`` and one ``@register`` line. Its state for resuming is ``state_dict`` / ``load_state_dict``.
@@ -50,6 +52,14 @@ class Method:
     def before_domain(self, ctx, t: int, domain: str) -> None:
         pass
 
+    def reset_adapters(self, ctx) -> None:
+        """``train.reinit_adapter_per_domain``: start the domain from a fresh LoRA. Called after
+        ``before_domain`` with torch's RNG forked and seeded from (seed, t); the default re-initialises
+        every adapter with trainable factors by PEFT's own init (A Kaiming-uniform, B = 0)."""
+        from ..models import reset_lora
+
+        reset_lora(ctx.model)
+
     def penalty(self, ctx) -> torch.Tensor | None:
         return None
 
@@ -82,6 +92,11 @@ class Method:
 
     def after_domain(self, ctx, t: int, domain: str) -> dict:
         return {}
+
+    def save_adapter(self, ctx, path) -> None:
+        """Write the model after this domain as a standard PEFT adapter directory:
+        ``PeftModel.from_pretrained(aligned_base, path)`` must give ``ctx.model`` (results.json's contract)."""
+        ctx.model.save_pretrained(path)
 
     def state_dict(self) -> dict:
         return {}

@@ -27,13 +27,21 @@ Choices the paper leaves open, as options:
   domain uses ``train.lr`` like the other methods (the method interface has no per-domain lr).
 
 Cost: the number of stored LoRA parameters grows linearly with the domains (effective rank r t);
-``after_domain`` records the trained and stored counts, and each ``adapters/<t>-<domain>`` directory
-holds every adapter so far (``default`` at the top, ``domain<k>/`` subfolders): load them all and
-activate them together (``model.base_model.set_adapter([...])``) to reproduce the model.
+``after_domain`` records the trained and stored counts. ``train.reinit_adapter_per_domain`` changes
+nothing: every domain already trains a freshly created adapter, and the earlier ones are the method.
+
+Saved adapters. ``adapters/<t>-<domain>`` holds the model after domain t as ONE standard LoRA of rank
+r t, the t adapters stacked (A = [A_1; ...; A_t], B = [s B_1, ..., s B_t], alpha = r t so its scaling is
+1; ``models.save_lora_sum``), so ``PeftModel.from_pretrained(base, path)`` reproduces the model like
+every other method's directory, at the price of a file that grows linearly with the domains (the
+step's ``method`` record has ``saved_rank``). ``per_domain/`` inside it keeps the t adapters separately
+(PEFT layout: ``default`` at its top, ``domain<k>/`` subfolders) for inspection or re-use; resuming
+reads ``state/stage<t>.pt``, which holds the same tensors.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -109,10 +117,10 @@ class OLoRA(Method):
                 b.weight.requires_grad_(name == trained)
 
     def before_domain(self, ctx, t: int, domain: str) -> None:
-        if ctx.cfg.train.reinit_adapter_per_domain:  # the pipeline would reset "default", domain 1's adapter
-            raise SafeAnchorError("O-LoRA starts a fresh adapter per domain itself; set "
-                                  "train.reinit_adapter_per_domain: false")
         self._ensure(ctx, [adapter_name(k) for k in range(1, t + 1)])
+
+    def reset_adapters(self, ctx) -> None:
+        """No-op: the trained adapter was created fresh (PEFT init) for this domain already."""
 
     # -- loss -------------------------------------------------------------------------------------------
     def orthogonality_term(self, ctx) -> torch.Tensor | None:
@@ -149,11 +157,19 @@ class OLoRA(Method):
         rec = {"adapter": self.adapters[-1], "adapters": len(self.adapters),
                "trainable_params": counts[self.adapters[-1]], "stored_params": sum(counts.values()),
                "effective_rank": ctx.cfg.lora.r * len(self.adapters)}
+        rec["saved_rank"] = rec["effective_rank"]  # the adapter directory grows linearly with the domains
         if len(self.adapters) > 1:
             with torch.no_grad():
                 rec["orthogonality"] = float(self.orthogonality_term(ctx))
         self.records.append(rec)
         return rec
+
+    def save_adapter(self, ctx, path) -> None:
+        """The sum of every adapter so far as one LoRA of rank r t; the adapters themselves in per_domain/."""
+        from ..models import lora_factors, save_lora_sum
+
+        save_lora_sum(ctx.model, path, [lora_factors(ctx.model, n) for n in self.adapters])
+        ctx.model.save_pretrained(Path(path) / "per_domain")
 
     def state_dict(self) -> dict:
         return {"adapters": list(self.adapters), "records": list(self.records)}

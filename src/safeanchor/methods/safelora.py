@@ -22,9 +22,9 @@ domain on the run's single adapter. C ("paper") is not idempotent, so projecting
 every domain would multiply earlier domains' updates by C again and again. Default
 ``project_increment=True`` projects only this domain's increment D = B_t - B_{t-1} (B_{t-1} is the
 adapter at the start of the domain, already projected; with ``train.reinit_adapter_per_domain`` it
-is 0). A also moves during the domain, so the kept part is s B_{t-1} A_t, not s B_{t-1} A_{t-1}: the
-rule acts on B exactly as the paper does. ``project_increment=False`` projects the whole B (the
-paper's single-stage rule applied T times).
+is the fresh adapter's 0, see ``reset_adapters``). A also moves during the domain, so the kept part is
+s B_{t-1} A_t, not s B_{t-1} A_{t-1}: the rule acts on B exactly as the paper does.
+``project_increment=False`` projects the whole B (the paper's single-stage rule applied T times).
 
 Where the weights come from: W_aligned is the aligned base the adapters sit on (``ctx.base_dir``, or
 ``cfg.model.name`` when that is already the aligned model); W_unaligned is ``unaligned_model``,
@@ -336,12 +336,14 @@ class SafeLoRA(Method):
 
     def before_domain(self, ctx, t: int, domain: str) -> None:
         self._start = None
-        if self.options.project_increment and not ctx.cfg.train.reinit_adapter_per_domain:
+        if self.options.project_increment:
             self._start = {n: layer.lora_B["default"].weight.detach().float().clone()
                            for n, layer in lora_layers(ctx.model).items()}
-        elif self.options.project_increment:  # the pipeline re-initialises B to 0 after this hook
-            self._start = {n: torch.zeros_like(layer.lora_B["default"].weight, dtype=torch.float32)
-                           for n, layer in lora_layers(ctx.model).items()}
+
+    def reset_adapters(self, ctx) -> None:
+        """Fresh LoRA (B = 0): the domain's increment is then measured from zero."""
+        super().reset_adapters(ctx)
+        self.before_domain(ctx, 0, "")
 
     def after_domain(self, ctx, t: int, domain: str) -> dict:
         o = self.options

@@ -36,7 +36,13 @@ fine-tuning stage is plain SFT). Defaults and choices:
   Vaccine's default "double LoRA": s B A is added to the frozen base weights after vaccination and the
   LoRA restarts (A Kaiming, B = 0); the vaccinated base then exists only in this run (saved as
   ``vaccine_adapter/`` and in the method state; ``load_state_dict`` re-merges it on resume), and the
-  per-domain adapters are relative to it.
+  per-domain adapters are relative to it. Each ``adapters/<t>-<domain>`` then holds the vaccination and
+  the domain LoRA stacked as one standard LoRA of rank 2 r (``models.save_lora_sum``), so
+  ``PeftModel.from_pretrained(aligned_base, path)`` is the model after the step either way.
+- ``train.reinit_adapter_per_domain``: every domain starts from the vaccinated model, not from the
+  aligned base (which would discard the vaccination): with ``merge`` a fresh LoRA (A Kaiming, B = 0)
+  on the vaccinated base, without it the LoRA is restored to its value after vaccination (kept in the
+  method state).
 """
 from __future__ import annotations
 
@@ -194,11 +200,11 @@ class Vaccine(Method):
         if options.rho < 0:
             raise SafeAnchorError(f"Vaccine rho must be >= 0, got {options.rho}")
         self.merged: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.vaccinated: dict[str, torch.Tensor] = {}  # LoRA after vaccination (reinit without merge only)
 
     def prepare(self, ctx) -> dict:
-        if ctx.cfg.train.reinit_adapter_per_domain and not self.options.merge:
-            raise SafeAnchorError("Vaccine with train.reinit_adapter_per_domain would reset the vaccinated LoRA "
-                                  "before domain 1; set method_options.vaccine.merge: true or reinit_adapter_per_domain: false")
+        from ..models import lora_factors, reset_lora
+
         if not ctx.calibration:
             raise SafeAnchorError("Vaccine needs safety data: set data.calibration_size > 0")
         steps = self.options.steps or steps_for(ctx.cfg, len(ctx.calibration))
@@ -213,26 +219,43 @@ class Vaccine(Method):
                "first_clean_loss": history[0]["clean_loss"], "final_clean_loss": history[-1]["clean_loss"]}
         if self.options.merge:
             ctx.model.save_pretrained(ctx.run_dir / "vaccine_adapter")
-            factors = {}
-            for name, module in ctx.model.named_modules():
-                a = getattr(module, "lora_A", None)
-                if isinstance(a, nn.ModuleDict) and "default" in a:
-                    factors[name] = (a["default"].weight.detach().cpu().clone(),
-                                     module.lora_B["default"].weight.detach().cpu().clone(),
-                                     float(module.scaling["default"]))
+            factors = {n: (a.cpu().clone(), b.cpu().clone(), s) for n, (a, b, s) in lora_factors(ctx.model).items()}
             _merge_into_base(ctx, factors)
-            for module in ctx.model.modules():
-                if hasattr(module, "reset_lora_parameters"):
-                    module.reset_lora_parameters("default", True)
+            reset_lora(ctx.model, ["default"])
             self.merged = factors
             rec["merged_modules"] = len(factors)
+        elif ctx.cfg.train.reinit_adapter_per_domain:
+            self.vaccinated = {n: p.detach().cpu().clone() for n, p in ctx.trainable().items()}
         return rec
 
+    def reset_adapters(self, ctx) -> None:
+        """Back to the vaccinated model: a fresh LoRA on the merged base, or the vaccinated LoRA itself."""
+        if self.options.merge:
+            super().reset_adapters(ctx)
+            return
+        params = ctx.trainable()
+        if set(params) != set(self.vaccinated):
+            raise SafeAnchorError("Vaccine: no vaccinated LoRA to restore for train.reinit_adapter_per_domain "
+                                  "(run directory from another config?); use another --out")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.vaccinated[n].to(p.device, p.dtype))
+
+    def save_adapter(self, ctx, path) -> None:
+        """With ``merge`` the base in memory is the vaccinated one: save vaccination + LoRA as one adapter."""
+        from ..models import lora_factors, save_lora_sum
+
+        if self.merged:
+            save_lora_sum(ctx.model, path, [self.merged, lora_factors(ctx.model)])
+        else:
+            super().save_adapter(ctx, path)
+
     def state_dict(self) -> dict:
-        return {"merged": self.merged}
+        return {"merged": self.merged, "vaccinated": self.vaccinated}
 
     def load_state_dict(self, state: dict, ctx) -> None:
         """On a fresh model (resume) re-apply the merged vaccination; the LoRA tensors come from the stage."""
         self.merged = dict(state.get("merged", {}))
+        self.vaccinated = dict(state.get("vaccinated", {}))
         if self.merged:
             _merge_into_base(ctx, self.merged)
