@@ -77,7 +77,9 @@ def test_refusals_open_with_a_refusal_the_judge_recognises():
 
 def test_benign_borderline_fixed_disjoint_split():
     train, ev = safety.benign_borderline("train"), safety.benign_borderline("eval")
-    assert (len(train), len(ev)) == (150, 90)
+    assert (len(train), len(ev)) == (238, 90)
+    first = [r["type"] for r in safety.benign_borderline("eval", with_type=True)[:20]]
+    assert all(first.count(t) == 2 for t in set(first)) and len(set(first)) == 10  # any prefix is stratified
     index = NearDuplicates(train)
     assert not [e for e in ev if e in index]
     types_train = {r["type"] for r in safety.benign_borderline("train", with_type=True)}
@@ -105,7 +107,7 @@ def test_benign_general_deterministic_mixed_and_clean():
 def test_sources_counts_match_the_files():
     assert safety.SOURCES["harmful_selfwritten"]["count"] == len(safety._selfwritten_harmful())
     assert safety.SOURCES["refusals_selfwritten"]["count"] == len(safety.refusal_templates())
-    assert safety.SOURCES["benign_borderline_selfwritten"]["count"] == 240
+    assert safety.SOURCES["benign_borderline_selfwritten"]["count"] == len(safety._borderline())
     assert safety.SOURCES["benign_general_selfwritten"]["count"] == len(safety._benign_sources()[0][1])
     assert all(s["written_by_us"] == name.endswith("selfwritten") for name, s in safety.SOURCES.items())
 

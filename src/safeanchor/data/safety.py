@@ -42,9 +42,9 @@ SOURCES = {
     "refusals_selfwritten": {"name": "refusal responses", "path": "builtin/refusals_selfwritten.json",
                              "license": "Apache-2.0 (this project)", "count": 26, "written_by_us": True},
     "benign_borderline_selfwritten": {
-        "name": "benign prompts that sound dangerous (XSTest-style; 10 types; 150 train / 90 eval)",
+        "name": "benign prompts that sound dangerous (XSTest-style; 10 types; 238 train / 90 eval)",
         "path": "builtin/benign_borderline_selfwritten.jsonl", "license": "Apache-2.0 (this project)",
-        "count": 240, "written_by_us": True},
+        "count": 328, "written_by_us": True},
     "benign_general_selfwritten": {"name": "ordinary benign requests (writing, explanation, advice, math, code...)",
                                    "path": "builtin/benign_general_selfwritten.jsonl",
                                    "license": "Apache-2.0 (this project)", "count": 150, "written_by_us": True},
@@ -137,10 +137,18 @@ def _borderline() -> tuple[dict, ...]:
 
 
 def benign_borderline(split: str, with_type: bool = False) -> list:
-    """Benign prompts that sound dangerous (fixed split: 150 "train", 90 "eval"); with_type -> dicts."""
+    """Benign prompts that sound dangerous (fixed split: 238 "train", 90 "eval"); with_type -> dicts.
+
+    The eval split is ordered round-robin over its 10 types, so any prefix (``eval.benign_size``) is
+    stratified: a prefix of a type-ordered file would hold only the hardest types."""
     if split not in ("train", "eval"):
         raise SafeAnchorError(f"unknown benign_borderline split {split!r}; use 'train' or 'eval'")
     rows = [r for r in _borderline() if r["split"] == split]
+    if split == "eval":
+        by_type: dict[str, list[dict]] = {}
+        for r in rows:
+            by_type.setdefault(r["type"], []).append(r)
+        rows = [grp[i] for i in range(max(map(len, by_type.values()))) for grp in by_type.values() if i < len(grp)]
     return [dict(r) for r in rows] if with_type else [r["prompt"] for r in rows]
 
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every number in the README's results sections, in the order they were produced (2-core CPU: the
+# whole script takes several hours; each stage resumes if rerun). Stages: STAGES="align compare ..."
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+SA=.venv/bin/safeanchor
+STAGES=${STAGES:-"align compare ablation spectrum suite overhead"}
+METHODS=standard,safeanchor,interleave,ewc,safegrad,olora,safelora,vaccine
+for stage in $STAGES; do
+  case $stage in
+    align)     # retrain the alignment stage (the quick start merges the committed copy instead)
+               $SA align --preset quickstart --set align.artifact= ;;
+    compare)   # all eight methods, two seeds, two runs at a time
+               $SA run --preset quickstart --method $METHODS --seed 0 --jobs 2 --out runs/compare
+               $SA run --preset quickstart --method $METHODS --seed 1 --jobs 2 --out runs/compare
+               $SA compare runs/compare/*-seed* --out runs/compare ;;
+    ablation)  # SafeAnchor's parts (seed 0); "full" is runs/compare/safeanchor-seed0
+               o=method_options.safeanchor
+               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/osca-only \
+                 --set $o.gamma=0 --set $o.csm=false
+               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/paper-literal \
+                 --set $o.project=gradient --set $o.anchor_projected=true --set $o.merge=union
+               $SA compare --by-dir runs/compare/standard-seed0 runs/ablation/* runs/compare/safeanchor-seed0 \
+                 --out runs/ablation ;;
+    spectrum)  $SA spectrum --preset quickstart --out runs/spectrum ;;
+    suite)     # HumanEval after every step; GCG on the aligned base (CPU budget)
+               $SA eval --run runs/compare/standard-seed0 --tasks humaneval --out runs/suite/standard-humaneval
+               $SA eval --run runs/compare/safeanchor-seed0 --tasks humaneval --out runs/suite/safeanchor-humaneval
+               $SA eval --model runs/compare/standard-seed0/base_model --tasks gcg --set gcg.preset=cpu \
+                 --limit 20 --out runs/suite/gcg-aligned ;;
+    overhead)  .venv/bin/python benchmarks/safeanchor_overhead.py ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
