@@ -59,3 +59,10 @@ def test_console_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "safeanchor.cli", "run", "--preset", "nope"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown preset" in proc.stderr
+
+
+def test_empty_set_value_is_empty_string_not_null():
+    from safeanchor.cli import _overrides
+
+    assert _overrides(["align.artifact=", "train.lr=1e-4"]) == {"align.artifact": "", "train.lr": 1e-4}
+    assert load_config("quickstart", overrides=_overrides(["align.artifact="])).align.artifact == ""

@@ -18,7 +18,7 @@ def _overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise SafeAnchorError(f"--set expects key=value (e.g. train.lr=1e-4), got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        out[key] = "" if value == "" else yaml.safe_load(value)  # `--set align.artifact=` means '', not null
     return out
 
 
