@@ -64,5 +64,5 @@ def test_console_entry_point_exit_code(tmp_path):
 def test_empty_set_value_is_empty_string_not_null():
     from safeanchor.cli import _overrides
 
-    assert _overrides(["align.artifact=", "train.lr=1e-4"]) == {"align.artifact": "", "train.lr": 1e-4}
+    assert _overrides(["align.artifact=", "train.lr=0.0001"]) == {"align.artifact": "", "train.lr": 0.0001}
     assert load_config("quickstart", overrides=_overrides(["align.artifact="])).align.artifact == ""
