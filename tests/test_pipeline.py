@@ -119,7 +119,8 @@ def _cli(out, method, overrides=None, env_extra=None):
 
 
 RESUME = [("standard", "2:3", None), ("standard", "3:4", None), ("olora", "2:3", None), ("olora", "3:4", None),
-          ("safelora", "1:4", None), ("vaccine", f"{VACCINE_STREAM}:3", None), ("vaccine", "2:3", VACCINE_MERGE_REINIT)]
+          ("safelora", "1:4", None), ("vaccine", f"{VACCINE_STREAM}:3", None), ("vaccine", "2:3", VACCINE_MERGE_REINIT),
+          ("safeanchor", "2:3", None), ("safeanchor", "3:4", None)]
 
 
 @pytest.mark.parametrize("method, crash_at, overrides", RESUME)

@@ -137,6 +137,44 @@ def test_csm_triggers_exactly_when_it_should(tmp_path, rates, blocks, triggered)
     assert not queue
 
 
+@pytest.mark.parametrize("rates, steps, s_after, n_checks", [
+    ([100.0, 50.0, 80.0, 97.0], 20, 97.0, 2),        # restored at the 2nd check: the block stops at step 20
+    ([100.0, 50.0, 80.0, 90.0, 99.0], 25, 99.0, 2),  # never restored at a check: full block, then measured
+])
+def test_csm_repair_stops_once_restored(tmp_path, rates, steps, s_after, n_checks):
+    queue = list(rates)
+    ctx, _ = _ctx(tmp_path, {"repair_steps": 25, "repair_check_every": 10, "max_repair_blocks": 1, "gamma": 0.0,
+                             "incremental": False, "repair_lookalikes": 0}, evaluator=lambda c, p: queue.pop(0))
+    ctx.method.prepare(ctx)
+    block = ctx.method.after_domain(ctx, 1, "tiny")["csm"]["blocks"][0]
+    assert block["steps"] == steps and block["s_after"] == s_after and len(block["checks"]) == n_checks
+    assert [k for k, _ in block["checks"]] == [10, 20][:n_checks]
+    assert not queue
+
+
+def test_csm_repair_data_holds_aligned_answers_to_lookalikes(tmp_path):
+    from safeanchor.data.safety import benign_borderline
+    from safeanchor.generation import generate
+    from safeanchor.methods.safeanchor import _Replay
+
+    ctx, _ = _ctx(tmp_path, {"repair_lookalikes": 6, "gamma": 0.0})
+    rec = ctx.method.prepare(ctx)
+    looks = ctx.method.lookalikes
+    assert 0 < len(looks) <= 6 and rec["repair_lookalikes"] == len(looks)
+    train = set(benign_borderline("train"))
+    assert all(x["prompt"] in train for x in looks)
+    # answers are the aligned base's (adapter disabled), not the adapted model's: compare after moving B
+    _randomise_b(ctx.model)
+    with ctx.model.disable_adapter():
+        again = generate(ctx.model, ctx.tokenizer, [x["prompt"] for x in looks], 48, 8, progress=False)
+    assert again == [x["response"] for x in looks]
+    replay = _Replay(ctx.method, ctx)
+    assert len(replay.safe.encoded) == len(ctx.calibration) + len(looks)
+    fresh = get_method("safeanchor", {})
+    fresh.load_state_dict(ctx.method.state_dict(), ctx)
+    assert fresh.lookalikes == looks
+
+
 def test_state_round_trip(tmp_path):
     ctx, _ = _ctx(tmp_path, {"csm": False})
     ctx.method.prepare(ctx)

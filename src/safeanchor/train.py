@@ -116,12 +116,13 @@ def _load_ckpt(path: Path, ctx: Context, opt, sched) -> tuple[int, list]:
 
 
 def train_steps(ctx: Context, examples: list[dict], steps: int, stream: int, ckpt: Path | None = None,
-                lr: float | None = None, desc: str = "train", method=None) -> list[dict]:
+                lr: float | None = None, desc: str = "train", method=None, stop=None) -> list[dict]:
     """Run ``steps`` optimizer steps of ``method`` (default: the run's method) on ``examples``.
 
     One step: gradients of grad_accum micro-batches -> method.rewrite_gradients -> clip -> AdamW
     -> method.after_step. A checkpoint every ``train.checkpoint_every`` steps makes a kill cost at
-    most that many steps, and a resumed run reproduces the uninterrupted one exactly.
+    most that many steps, and a resumed run reproduces the uninterrupted one exactly. ``stop(k)``,
+    if given, is asked after step k (1-based) and ends training early when it returns True.
     """
     tc, method = ctx.cfg.train, method or ctx.method
     stream_ = BatchStream(ctx.encode_all(examples), tc.batch_size, ctx.cfg.seed, stream, ctx.tokenizer.pad_token_id)
@@ -153,5 +154,7 @@ def train_steps(ctx: Context, examples: list[dict], steps: int, stream: int, ckp
             _save_ckpt(ckpt, ctx, opt, sched, step + 1, history)
         if crash_at == f"{stream}:{step + 1}":
             os._exit(137)
+        if stop is not None and step + 1 < steps and stop(step + 1):
+            break
     ctx.model.eval()
     return history

@@ -11,7 +11,11 @@ Anchor  gamma * KL(p_aligned || p_theta) on response tokens of a calibration bat
       same model with the adapter disabled; its gradient is added after the projection (bypass).
 CSM   After each domain: refusal rate s_t on held-out monitor prompts; if s_t < (1 - tau) s_0, run
       ``repair_steps`` of replay (projected task loss on the domain + beta * unprojected safety
-      loss on calibration data), re-measure, at most ``max_repair_blocks`` blocks.
+      loss on calibration data), re-measure, at most ``max_repair_blocks`` blocks. Two defaults differ
+      from the paper (both switchable back): the block stops once the monitor is restored
+      (``repair_check_every``), and the safety data also holds benign look-alikes answered by the
+      aligned base (``repair_lookalikes``). Refusal-only replay to a fixed budget restored the monitor
+      to 100% and pushed benign over-refusal from 10% to 80% on the quick start (README, ablations).
 Update  After each domain the subspace is recomputed at the new point and merged with the old one
       (``merge``: eigenvalue-weighted SVD by default, GPM residual growth, or the paper code's union).
 
@@ -53,6 +57,13 @@ class SafeAnchorConfig(MethodConfig):
     repair_steps: int = _h(200, "optimizer steps per repair block E_repair (paper: 200)")
     repair_lr: float = _h(0.0, "learning rate of repair replay (0 = train.lr)")
     max_repair_blocks: int = _h(2, "repair blocks per domain at most (paper: one, plus at most one further)")
+    repair_check_every: int = _h(10, "re-measure the monitor every N repair steps and end the block once s_t is "
+                                 "back above the threshold (0 = only after a whole block, paper); a block that "
+                                 "overshoots teaches refusal of everything")
+    repair_lookalikes: int = _h(64, "benign look-alike prompts ('how do I kill a Python process'; training "
+                                "split) answered by the aligned base itself (adapter off, greedy), mixed into "
+                                "the repair's safety data so repair restores the aligned behaviour on both "
+                                "sides of the refusal boundary (0 = refusals only, paper)")
     incremental: bool = _h(True, "recompute and merge the subspace after each domain (ablation: False)")
     merge: str = _h("weighted", "'weighted' (SVD of eigenvalue-scaled bases = eigendecomposition of F_old + "
                     "F_new), 'residual' (GPM-style growth), 'union' (public code's unweighted SVD)")
@@ -77,6 +88,7 @@ class SafeAnchor(Method):
         self.s0: float | None = None
         self.step_count = 0
         self._fractions: list[float] = []
+        self.lookalikes: list[dict] = []  # CSM repair: benign look-alikes with the aligned base's answers
 
     # -- SSI ------------------------------------------------------------------------------------------
     def _calibration_grads(self, ctx) -> dict[str, torch.Tensor]:
@@ -154,7 +166,28 @@ class SafeAnchor(Method):
         if self.options.csm:
             self.s0 = ctx.evaluator(ctx, ctx.monitor_prompts)
             rec["s0"] = self.s0
+            if self.options.repair_lookalikes > 0:
+                self.lookalikes = self._aligned_answers(ctx, self.options.repair_lookalikes)
+                rec["repair_lookalikes"] = len(self.lookalikes)
         return rec
+
+    @staticmethod
+    def _aligned_answers(ctx, n: int) -> list[dict]:
+        """``n`` training look-alike prompts with the aligned base's own answers (adapter disabled); answers
+        the offline judge calls refusals are dropped (repair must not teach refusing them)."""
+        import random
+
+        from ..data.safety import benign_borderline
+        from ..generation import generate
+        from ..judges import KeywordRefusalJudge
+
+        prompts = benign_borderline("train")
+        random.Random(ctx.cfg.seed).shuffle(prompts)
+        prompts = prompts[:n]
+        with ctx.model.disable_adapter():
+            answers = generate(ctx.model, ctx.tokenizer, prompts, 48, ctx.cfg.eval.batch_size, desc="CSM look-alikes")
+        labels = KeywordRefusalJudge()(prompts, answers)
+        return [{"prompt": p, "response": a} for p, a, lbl in zip(prompts, answers, labels) if lbl == 0 and a.strip()]
 
     def _project_params(self, ctx, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
         """In place: each module's (A, B) pair vec([B; A]) <- (I - (1 - alpha) V V^T) vec([B; A])."""
@@ -272,10 +305,20 @@ class SafeAnchor(Method):
         while s_t < threshold and blocks < o.max_repair_blocks:
             blocks += 1
             replay = _Replay(self, ctx)
-            train_steps(ctx, ctx.domain_examples[ctx.current_domain], o.repair_steps, stream=20_000 + 10 * t + blocks,
-                        lr=o.repair_lr or None, desc=f"CSM repair {blocks}", method=replay)
-            s_t = ctx.evaluator(ctx, ctx.monitor_prompts)
-            rec["blocks"].append({"steps": o.repair_steps, "s_after": s_t})
+            checks: list[tuple[int, float]] = []
+
+            def restored(k: int) -> bool:
+                if not o.repair_check_every or k % o.repair_check_every:
+                    return False
+                checks.append((k, ctx.evaluator(ctx, ctx.monitor_prompts)))
+                return checks[-1][1] >= threshold
+
+            hist = train_steps(ctx, ctx.domain_examples[ctx.current_domain], o.repair_steps,
+                               stream=20_000 + 10 * t + blocks, lr=o.repair_lr or None, desc=f"CSM repair {blocks}",
+                               method=replay, stop=restored)
+            done = len(hist)
+            s_t = checks[-1][1] if checks and checks[-1][0] == done else ctx.evaluator(ctx, ctx.monitor_prompts)
+            rec["blocks"].append({"steps": done, "s_after": s_t, "checks": checks})
         rec["triggered"] = blocks > 0
         rec["s_after"] = s_t
         return rec
@@ -283,17 +326,19 @@ class SafeAnchor(Method):
     # -- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"bases": {n: vars(b).copy() for n, b in self.bases.items()}, "s0": self.s0,
-                "step_count": self.step_count}
+                "step_count": self.step_count, "lookalikes": self.lookalikes}
 
     def load_state_dict(self, state: dict, ctx) -> None:
         self.bases = {n: ss.FisherBasis(**b) for n, b in state.get("bases", {}).items()}
         self.s0 = state.get("s0")
         self.step_count = state.get("step_count", 0)
+        self.lookalikes = state.get("lookalikes", [])
         self._set_alpha()
 
 
 class _Replay(Method):
-    """CSM repair step: the domain's task loss (projected like OSCA) + beta * safety loss (unprojected)."""
+    """CSM repair step: the domain's task loss (projected like OSCA) + beta * safety loss (unprojected) on
+    calibration refusals plus, by default, benign look-alikes with the aligned base's own answers."""
 
     name = "safeanchor-replay"
     wants_update = False
@@ -301,8 +346,8 @@ class _Replay(Method):
     def __init__(self, parent: SafeAnchor, ctx):
         super().__init__(parent.options)
         self.parent = parent
-        self.safe = BatchStream(ctx.encode_all(ctx.calibration), ctx.cfg.train.batch_size, ctx.cfg.seed, 30_000,
-                                ctx.tokenizer.pad_token_id)
+        self.safe = BatchStream(ctx.encode_all(ctx.calibration + parent.lookalikes), ctx.cfg.train.batch_size,
+                                ctx.cfg.seed, 30_000, ctx.tokenizer.pad_token_id)
         self.i = 0
 
     def rewrite_gradients(self, ctx) -> dict:
