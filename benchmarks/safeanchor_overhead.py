@@ -53,8 +53,13 @@ def main():
     torch.manual_seed(0)
     model, tok = load_model(cfg.model)
     model = attach_lora(model, cfg.lora)
-    calib = [{"prompt": p, "response": r} for p, r in CALIB] * (args.calib // len(CALIB) + 1)
-    calib = calib[: args.calib]
+    if args.model == "tiny-random":  # no real safety data needed for a smoke check of the script
+        calib = ([{"prompt": p, "response": r} for p, r in CALIB] * (args.calib // len(CALIB) + 1))[: args.calib]
+    else:  # the run's real calibration set, so the subspace sizes (and projection cost) are the real ones
+        from safeanchor.pipeline import safety_sets
+
+        cfg.data.calibration_size = args.calib
+        calib = safety_sets(cfg)[0]
     task = [{"prompt": p, "response": r} for p, r in TASK] * 8
     variants = {"standard": get_method("standard"),
                 "projection": get_method("safeanchor", {"gamma": 0.0, "csm": False}),
