@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
 STAGES=${STAGES:-"align compare ablation spectrum suite overhead"}
-METHODS=standard,safeanchor,interleave,ewc,safegrad,olora,safelora,vaccine
+METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
     align)     # retrain the alignment stage (the quick start merges the committed copy instead)
@@ -17,6 +17,8 @@ for stage in $STAGES; do
                $SA compare runs/compare/*-seed* --out runs/compare ;;
     ablation)  # SafeAnchor's parts (seed 0); "full" is runs/compare/safeanchor-seed0
                o=method_options.safeanchor
+               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/paper-csm \
+                 --set $o.repair_check_every=0 --set $o.repair_lookalikes=0
                $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/osca-only \
                  --set $o.gamma=0 --set $o.csm=false
                $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/paper-literal \
@@ -25,10 +27,9 @@ for stage in $STAGES; do
                  --out runs/ablation ;;
     spectrum)  $SA spectrum --preset quickstart --out runs/spectrum ;;
     suite)     # HumanEval after every step; GCG on the aligned base (CPU budget)
-               $SA eval --run runs/compare/standard-seed0 --tasks humaneval --out runs/suite/standard-humaneval
-               $SA eval --run runs/compare/safeanchor-seed0 --tasks humaneval --out runs/suite/safeanchor-humaneval
+               $SA eval --run runs/compare/standard-seed0 --tasks humaneval --limit 40 --out runs/suite/standard-humaneval
                $SA eval --model runs/compare/standard-seed0/base_model --tasks gcg --set gcg.preset=cpu \
-                 --limit 20 --out runs/suite/gcg-aligned ;;
+                 --limit 12 --out runs/suite/gcg-aligned ;;
     overhead)  .venv/bin/python benchmarks/safeanchor_overhead.py ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
