@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import subspace as ss
-from .data.chat import collate, encode
+from .data.chat import encode
 
 SOURCES = ("calibration", "random", "domain")
 
@@ -44,16 +44,6 @@ def _randomised(tokenizer, encoded: list[dict], seed: int) -> list[dict]:
                 labels[j] = ids[j]
         out.append({"input_ids": ids, "labels": labels})
     return out
-
-
-def module_grads(model, tokenizer, encoded: list[dict], chunk: int = 8) -> dict[str, torch.Tensor]:
-    modules = ss.lora_modules(model)
-    device = next(model.parameters()).device
-    parts = []
-    for i in range(0, len(encoded), chunk):
-        batch = {k: v.to(device) for k, v in collate(encoded[i:i + chunk], tokenizer.pad_token_id).items()}
-        parts.append(ss.per_sample_grads(model, batch, modules))
-    return {n: torch.cat([p[n] for p in parts]) for n in modules}
 
 
 def spectrum_stats(grads: dict[str, torch.Tensor], rho: float) -> dict:
@@ -98,7 +88,7 @@ def fisher_spectrum(cfg, out: Path, n: int | None = None, rho: float | None = No
                "examples": n, "domain": domain.name, "point": "aligned base, fresh LoRA (B = 0)", "sources": {}}
     for src in SOURCES:
         progress(f"spectrum: per-example gradients on {src} ({len(enc[src])} examples)")
-        stats = spectrum_stats(module_grads(model, tok, enc[src]), rho)
+        stats = spectrum_stats(ss.per_sample_grads_chunked(model, enc[src], tok.pad_token_id), rho)
         results["sources"][src] = stats
         progress(f"spectrum: {src}: k for {rho:.0%} of the trace: mean {stats['k_mean']}, "
                  f"min {stats['k_min']}, max {stats['k_max']}")

@@ -207,6 +207,20 @@ def _absent(modules: dict[str, tuple[nn.Linear, nn.Linear]], ids: set[int]) -> l
     return [name for name, (a, b) in modules.items() if id(a) not in ids or id(b) not in ids]
 
 
+def per_sample_grads_chunked(model: nn.Module, encoded: list[dict], pad_id: int, chunk: int = 8,
+                             modules: dict[str, tuple[nn.Linear, nn.Linear]] | None = None) -> dict[str, torch.Tensor]:
+    """``per_sample_grads`` over encoded examples in batches of ``chunk``, rows in example order."""
+    from .data.chat import collate
+
+    modules = lora_modules(model) if modules is None else modules
+    device = next(model.parameters()).device
+    parts = []
+    for i in range(0, len(encoded), chunk):
+        batch = {k: v.to(device) for k, v in collate(encoded[i:i + chunk], pad_id).items()}
+        parts.append(per_sample_grads(model, batch, modules))
+    return {n: torch.cat([p[n] for p in parts]) for n in modules}
+
+
 def per_sample_grads_loop(model: nn.Module, batch: dict, modules: dict[str, tuple[nn.Linear, nn.Linear]],
                           store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The slow obvious reference for ``per_sample_grads``: one forward + backward per example.

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import subspace as ss
-from ..data.chat import collate, mean_token_nll, response_logits
+from ..data.chat import mean_token_nll, response_logits
 from ..train import BatchStream, train_steps
 from .base import Method, MethodConfig, register
 
@@ -92,17 +92,12 @@ class SafeAnchor(Method):
 
     # -- SSI ------------------------------------------------------------------------------------------
     def _calibration_grads(self, ctx) -> dict[str, torch.Tensor]:
-        modules = ss.lora_modules(ctx.model)
         encoded = ctx.encode_all(ctx.calibration)
         if not encoded:
             from ..errors import SafeAnchorError
 
             raise SafeAnchorError("the safety calibration set is empty; set data.calibration_size > 0")
-        chunks = []
-        for start in range(0, len(encoded), self.options.ssi_chunk):
-            batch = ctx.to_device(collate(encoded[start:start + self.options.ssi_chunk], ctx.tokenizer.pad_token_id))
-            chunks.append(ss.per_sample_grads(ctx.model, batch, modules))
-        return {name: torch.cat([c[name] for c in chunks]) for name in modules}
+        return ss.per_sample_grads_chunked(ctx.model, encoded, ctx.tokenizer.pad_token_id, self.options.ssi_chunk)
 
     def _compute_bases(self, ctx) -> dict[str, ss.FisherBasis]:
         grads = self._calibration_grads(ctx)
