@@ -184,3 +184,78 @@ def test_state_round_trip(tmp_path):
     for n, b in ctx.method.bases.items():
         torch.testing.assert_close(fresh.bases[n].basis, b.basis)
     assert fresh.alpha == ctx.method.alpha
+
+
+def _vec(a, b):
+    return torch.cat([b.reshape(-1), a.reshape(-1)])
+
+
+@pytest.mark.parametrize("anchor_projected", [False, True])
+def test_update_projection_with_anchor_matches_hand_written_adamw(tmp_path, anchor_projected):
+    """project=update with the anchor: a hand-written AdamW over 4 steps with fresh random task and anchor
+    gradients (clipping active on some steps). Bypass: theta += P(u - u_a) + u_a, u_a = -lr/bc1 * m_a / denom
+    with m_a the EMA of the clipped anchor gradients; anchor_projected: theta += P(u)."""
+    seed = random.randrange(10**6)
+    ctx, _ = _ctx(tmp_path, {"project": "update", "gamma": 1.0, "csm": False, "trace_norm": "max",
+                             "anchor_projected": anchor_projected}, seed=seed % 7)
+    _randomise_b(ctx.model, seed)
+    method = ctx.method
+    method.prepare(ctx)
+    modules = ss.lora_modules(ctx.model)
+    gen = torch.Generator().manual_seed(seed)
+    anchor_g = {}
+
+    def fake_anchor(c):
+        for n, (a, b) in modules.items():
+            a.weight.grad += anchor_g[n][0]
+            b.weight.grad += anchor_g[n][1]
+        return 0.0
+
+    method._anchor_backward = fake_anchor
+    lr, wd, (b1, b2), eps, max_norm = 1e-2, 0.05, (0.9, 0.99), 1e-8, 3.0
+    params = [p for _, (a, b) in modules.items() for p in (a.weight, b.weight)]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    theta = {n: _vec(a.weight, b.weight).detach().double().clone() for n, (a, b) in modules.items()}
+    m = {n: torch.zeros_like(t) for n, t in theta.items()}
+    v = {n: torch.zeros_like(t) for n, t in theta.items()}
+    m_a = {n: torch.zeros_like(t) for n, t in theta.items()}
+    diff_from_all_projected, clipped = 0.0, 0
+    for t in range(1, 5):
+        task_g = {n: (torch.randn(a.weight.shape, generator=gen), torch.randn(b.weight.shape, generator=gen))
+                  for n, (a, b) in modules.items()}
+        scale = 0.3 * t  # anchor gradients of a changing size
+        anchor_g.update({n: (torch.randn(a.weight.shape, generator=gen) * scale,
+                             torch.randn(b.weight.shape, generator=gen) * scale) for n, (a, b) in modules.items()})
+        for n, (a, b) in modules.items():
+            a.weight.grad, b.weight.grad = task_g[n][0].clone(), task_g[n][1].clone()
+        ctx.optimizer, ctx.step_lr, ctx.clip_coef = opt, lr, 1.0
+        method.rewrite_gradients(ctx)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        ctx.clip_coef = min(1.0, max_norm / (norm + 1e-6))
+        before = {n: p.detach().clone() for n, p in ctx.trainable().items()}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.after_step(ctx, before)
+        # the reference, per module in vec([B; A]) coordinates, float64
+        total = torch.cat([_vec(*task_g[n]) + _vec(*anchor_g[n]) for n in theta]).double()
+        c = min(1.0, max_norm / (float(total.norm()) + 1e-6))
+        clipped += c < 1.0
+        for n in theta:
+            g = c * (_vec(*task_g[n]) + _vec(*anchor_g[n])).double()
+            ga = c * _vec(*anchor_g[n]).double()
+            m[n] = b1 * m[n] + (1 - b1) * g
+            v[n] = b2 * v[n] + (1 - b2) * g * g
+            m_a[n] = b1 * m_a[n] + (1 - b1) * ga
+            denom = v[n].sqrt() / (1 - b2 ** t) ** 0.5 + eps
+            u = -lr * wd * theta[n] - lr / (1 - b1 ** t) * m[n] / denom
+            u_a = -lr / (1 - b1 ** t) * m_a[n] / denom
+            basis = method.bases[n].basis.double()
+            proj = torch.eye(len(u), dtype=torch.float64) - (1 - method.alpha[n]) * basis @ basis.T
+            step = proj @ u if anchor_projected else proj @ (u - u_a) + u_a
+            diff_from_all_projected = max(diff_from_all_projected, float((step - proj @ u).abs().max()))
+            theta[n] = theta[n] + step
+            got = _vec(modules[n][0].weight, modules[n][1].weight).detach().double()
+            assert torch.allclose(got, theta[n], rtol=1e-5, atol=1e-6), (n, t, float((got - theta[n]).abs().max()))
+    assert clipped  # the clip factor is part of what is checked
+    if not anchor_projected:
+        assert diff_from_all_projected > 1e-4  # the bypass really changes the update

@@ -30,6 +30,11 @@ class Context:
     evaluator: object = None  # callable(ctx, prompts) -> refusal rate, set by the pipeline
     current_domain: str | None = None
     log: list = field(default_factory=list)
+    # set by train_steps for the step in progress: the AdamW optimizer, the learning rate this step uses,
+    # and the factor gradient clipping scaled the gradients by (1.0 = not clipped)
+    optimizer: object = None
+    step_lr: float = 0.0
+    clip_coef: float = 1.0
 
     @property
     def device(self) -> torch.device:
@@ -138,10 +143,13 @@ def train_steps(ctx: Context, examples: list[dict], steps: int, stream: int, ckp
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False)
     for step in bar:
         micro = [ctx.to_device(stream_.batch(step * tc.grad_accum + k)) for k in range(tc.grad_accum)]
+        ctx.optimizer, ctx.step_lr, ctx.clip_coef = opt, opt.param_groups[0]["lr"], 1.0
         logs = method.compute_grads(ctx, micro)
         logs.update(method.rewrite_gradients(ctx))
         if tc.max_grad_norm > 0:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+            norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+            logs["grad_norm"] = norm
+            ctx.clip_coef = min(1.0, tc.max_grad_norm / (norm + 1e-6))  # torch's own clip factor
         before = {n: p.detach().clone() for n, p in ctx.trainable().items()} if method.wants_update else None
         opt.step()
         sched.step()

@@ -8,7 +8,9 @@ OSCA  Between backward and step: g <- g - (1 - alpha_i) V_i V_i^T g, jointly ove
       ``project="update"`` projects AdamW's actual parameter update instead (AdamW's per-coordinate
       scaling and weight decay move a projected gradient's update back into the subspace).
 Anchor  gamma * KL(p_aligned || p_theta) on response tokens of a calibration batch, p_aligned from the
-      same model with the adapter disabled; its gradient is added after the projection (bypass).
+      same model with the adapter disabled; its gradient is added after the projection (bypass). With
+      ``project="update"`` the anchor's share of AdamW's update (first-moment EMA of the anchor gradients
+      over the shared second moment) is split off before the update is projected and added back after.
 CSM   After each domain: refusal rate s_t on held-out monitor prompts; if s_t < (1 - tau) s_0, run
       ``repair_steps`` of replay (projected task loss on the domain + beta * unprojected safety
       loss on calibration data), re-measure, at most ``max_repair_blocks`` blocks. Two defaults differ
@@ -49,7 +51,10 @@ class SafeAnchorConfig(MethodConfig):
     project: str = _h("update", "'gradient' (paper: project g before AdamW) or 'update' (project AdamW's "
                       "parameter update, exact orthogonality) or 'none' (ablation: no OSCA)")
     gamma: float = _h(0.1, "anchor KL weight (paper: 0.1); 0 disables the anchor")
-    anchor_projected: bool = _h(False, "project the anchor gradient too (paper code does; paper text says bypass)")
+    anchor_projected: bool = _h(False, "project the anchor's contribution too (paper code does; paper text says "
+                                "bypass). With project=update the bypass is exact: the anchor's share of AdamW's "
+                                "update is split off (its own first-moment EMA over the shared second moment) and "
+                                "left unprojected")
     anchor_batch: int = _h(4, "calibration examples per step for the anchor KL")
     csm: bool = _h(True, "cumulative safety monitoring with repair replay")
     tau: float = _h(0.05, "CSM tolerance: repair when s_t < (1 - tau) s_0 (paper: 0.05)")
@@ -89,6 +94,8 @@ class SafeAnchor(Method):
         self.step_count = 0
         self._fractions: list[float] = []
         self.lookalikes: list[dict] = []  # CSM repair: benign look-alikes with the aligned base's answers
+        self._anchor_grads: dict = {}  # this step's anchor gradient per module (update projection, bypass)
+        self._anchor_m: dict[str, torch.Tensor] = {}  # EMA of the anchor gradients, as AdamW's first moment
 
     # -- SSI ------------------------------------------------------------------------------------------
     def _calibration_grads(self, ctx) -> dict[str, torch.Tensor]:
@@ -213,8 +220,48 @@ class SafeAnchor(Method):
             if fr:
                 logs["grad_in_subspace"] = sum(fr) / len(fr)
         if self.options.gamma > 0:
+            bypass = self.options.project == "update" and not self.options.anchor_projected
+            if bypass:  # keep the anchor's own gradient apart, so after_step can leave its share unprojected
+                task = {n: tuple(None if lin.weight.grad is None else lin.weight.grad.detach().clone() for lin in ab)
+                        for n, ab in modules.items()}
             logs["anchor_kl"] = self._anchor_backward(ctx)
+            if bypass:
+                self._anchor_grads = {
+                    n: tuple(g.weight.grad.detach() - (0 if t is None else t) for g, t in zip(ab, task[n]))
+                    for n, ab in modules.items() if ab[0].weight.grad is not None}
         return logs
+
+    def _anchor_update(self, ctx) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The anchor's exact share of this step's AdamW update, per module (A, B).
+
+        AdamW's update is -lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) - lr * wd * theta, linear in the first
+        moment m for the step's second moment v. m is an EMA of the clipped gradients, so it splits into
+        the EMA of the task gradients and the EMA m_a of the anchor gradients (kept here, reset with each
+        new optimizer). The anchor's share is -lr/bc1 * m_a / denom; everything else (task gradient and
+        weight decay) is what the update projection constrains.
+        """
+        import math
+
+        opt, c = ctx.optimizer, ctx.clip_coef
+        group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+        shares = {}
+        for n, (a_lin, b_lin) in ss.lora_modules(ctx.model).items():
+            if n not in self._anchor_grads:
+                continue
+            out = []
+            for lin, g_a in zip((a_lin, b_lin), self._anchor_grads[n]):
+                p, key = lin.weight, f"{n}.{'A' if lin is a_lin else 'B'}"
+                state, group = opt.state[p], group_of[id(p)]
+                t = int(state["step"])
+                b1, b2 = group["betas"]
+                m_prev = self._anchor_m.get(key) if t > 1 else None
+                m_a = (1 - b1) * c * g_a if m_prev is None else b1 * m_prev.to(g_a) + (1 - b1) * c * g_a
+                self._anchor_m[key] = m_a
+                denom = state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t) + group["eps"]
+                out.append(-(ctx.step_lr / (1 - b1 ** t)) * m_a / denom)
+            shares[n] = tuple(out)
+        self._anchor_grads = {}
+        return shares
 
     def _anchor_batch(self, ctx) -> dict:
         encoded = getattr(self, "_anchor_encoded", None)
@@ -252,11 +299,16 @@ class SafeAnchor(Method):
                     a_name, b_name = prefix[n]
                     deltas[n] = (a_lin.weight - before[a_name], b_lin.weight - before[b_name])
                 if self.options.project == "update":
+                    # the anchor's share of the update (if it bypasses) is taken out, the rest projected
+                    anchor = self._anchor_update(ctx) if getattr(self, "_anchor_grads", None) else {}
+                    for n, (ua, ub) in anchor.items():
+                        deltas[n] = (deltas[n][0] - ua, deltas[n][1] - ub)
                     fr = self._project_params(ctx, deltas)
                     for n, (a_lin, b_lin) in modules.items():
                         a_name, b_name = prefix[n]
-                        a_lin.weight.copy_(before[a_name] + deltas[n][0])
-                        b_lin.weight.copy_(before[b_name] + deltas[n][1])
+                        ua, ub = anchor.get(n, (0, 0))
+                        a_lin.weight.copy_(before[a_name] + deltas[n][0] + ua)
+                        b_lin.weight.copy_(before[b_name] + deltas[n][1] + ub)
                 else:
                     fr = []
                     for n, (da, db) in deltas.items():
@@ -321,13 +373,15 @@ class SafeAnchor(Method):
     # -- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"bases": {n: vars(b).copy() for n, b in self.bases.items()}, "s0": self.s0,
-                "step_count": self.step_count, "lookalikes": self.lookalikes}
+                "step_count": self.step_count, "lookalikes": self.lookalikes,
+                "anchor_m": {k: v.detach().cpu().clone() for k, v in self._anchor_m.items()}}
 
     def load_state_dict(self, state: dict, ctx) -> None:
         self.bases = {n: ss.FisherBasis(**b) for n, b in state.get("bases", {}).items()}
         self.s0 = state.get("s0")
         self.step_count = state.get("step_count", 0)
         self.lookalikes = state.get("lookalikes", [])
+        self._anchor_m = dict(state.get("anchor_m", {}))
         self._set_alpha()
 
 
