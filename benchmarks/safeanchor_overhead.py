@@ -109,6 +109,7 @@ def main():
             batch = ctx.to_device(stream.batch(rep))
             t0 = time.perf_counter()
             before = {n: p.detach().clone() for n, p in ctx.trainable().items()} if method.wants_update else None
+            ctx.optimizer, ctx.step_lr, ctx.clip_coef = opt, opt.param_groups[0]["lr"], 1.0  # as train_steps
             method.compute_grads(ctx, [batch])
             method.rewrite_gradients(ctx)
             opt.step()

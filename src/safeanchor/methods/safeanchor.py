@@ -243,6 +243,9 @@ class SafeAnchor(Method):
         import math
 
         opt, c = ctx.optimizer, ctx.clip_coef
+        if opt is None:
+            raise RuntimeError("SafeAnchor's update projection with the anchor needs ctx.optimizer, ctx.step_lr and "
+                               "ctx.clip_coef set for the step, as train_steps does; set them in a custom loop")
         group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
         shares = {}
         for n, (a_lin, b_lin) in ss.lora_modules(ctx.model).items():
