@@ -17,12 +17,16 @@ for stage in $STAGES; do
                $SA compare runs/compare/*-seed* --out runs/compare ;;
     ablation)  # SafeAnchor's parts (seed 0); "full" is runs/compare/safeanchor-seed0
                o=method_options.safeanchor
-               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/paper-csm \
-                 --set $o.repair_check_every=0 --set $o.repair_lookalikes=0
                $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/osca-only \
                  --set $o.gamma=0 --set $o.csm=false
-               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/paper-literal \
-                 --set $o.project=gradient --set $o.anchor_projected=true --set $o.merge=union
+               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/osca-anchor \
+                 --set $o.csm=false
+               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/paper-literal-nocsm \
+                 --set $o.project=gradient --set $o.anchor_projected=true --set $o.merge=union --set $o.csm=false
+               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/full-anchor-through-update \
+                 --set $o.anchor_projected=true
+               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/paper-csm \
+                 --set $o.repair_check_every=0 --set $o.repair_lookalikes=0
                $SA compare --by-dir runs/compare/standard-seed0 runs/ablation/* runs/compare/safeanchor-seed0 \
                  --out runs/ablation ;;
     spectrum)  $SA spectrum --preset quickstart --out runs/spectrum ;;
