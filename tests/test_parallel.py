@@ -27,3 +27,23 @@ def test_parallel_failure_is_one_line(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # tqdm bars aside
     assert code == 2 and len(err) == 1, err
     assert "failed" in err[0] and "run.log" in err[0] and "loss" in err[0], err[0]
+
+
+def test_compare_reports_mean_and_sample_std_over_seeds(tmp_path):
+    """Two seeds of one method: the table shows the mean and the sample (n - 1) standard deviation."""
+    import random
+
+    from safeanchor.report import compare
+
+    def result(final):
+        steps = [{"after": "base", "refusal_rate": 80.0, "over_refusal_rate": 5.0, "domain_scores": {"d": 50.0},
+                  "adapter": None},
+                 {"after": "d", "refusal_rate": final, "over_refusal_rate": 5.0, "domain_scores": {"d": 60.0},
+                  "adapter": "a", "train": {"seconds": 1.0}}]
+        return {"method": "m", "seed": 0, "domains": ["d"], "steps": steps}
+
+    a, b = random.uniform(0, 50), random.uniform(50, 100)
+    path = compare(tmp_path, {("m", 0): result(a), ("m", 1): result(b)})
+    row = next(line for line in path.read_text().splitlines() if line.startswith("| m |"))
+    mean, std = (a + b) / 2, abs(a - b) / 2 ** 0.5
+    assert f"{mean:.1f} ± {std:.1f}" in row

@@ -74,7 +74,7 @@ def plot_refusal(path: Path, runs: dict[str, dict]) -> None:
 
 
 def compare(out: Path, runs: dict) -> Path:
-    """comparison.md (+ comparison.png) over several runs: mean ± std over seeds per method."""
+    """comparison.md (+ comparison.png) over several runs: mean ± sample std (ddof 1) over seeds per method."""
     import numpy as np
 
     by_method: dict[str, list[dict]] = {}
@@ -87,7 +87,7 @@ def compare(out: Path, runs: dict) -> Path:
         values = [v for v in values if v is not None]
         if not values:
             return "n/a"
-        return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+        return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
     for method, results in by_method.items():
         sums = [summary(r) for r in results]
