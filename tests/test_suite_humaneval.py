@@ -283,7 +283,8 @@ def test_humaneval_scoring_survives_hostile_completions(problems, outside, tmp_p
     assert len(hostile) == len(programs) and not any(r["passed"] for r in hostile)
     assert {r["result"].split(":")[0] for r in hostile} == {"failed", "timed out"}
     assert metrics["n"] == 3 and metrics["pass@1"] == pytest.approx(200 / 3, abs=0.01)
-    assert metrics["n_timed_out"] == 1 and metrics["complete"] is False
+    # the endless loop always times out; on a loaded machine a fork storm may hit the 1.5 s limit too
+    assert 1 <= metrics["n_timed_out"] <= 2 and metrics["complete"] is False
     assert not escape.exists() and sentinel.read_text() == "keep me"
     time.sleep(0.2)
     assert _marker_processes(marker) == []
