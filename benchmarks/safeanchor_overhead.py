@@ -58,6 +58,7 @@ def main():
     model = attach_lora(model, cfg.lora)
     if args.model == "tiny-random":  # no real safety data needed for a smoke check of the script
         calib = ([{"prompt": p, "response": r} for p, r in CALIB] * (args.calib // len(CALIB) + 1))[: args.calib]
+        task = [{"prompt": p, "response": r} for p, r in TASK] * 8
     else:  # the run's real calibration set, so the subspace sizes (and projection cost) are the real ones
         from safeanchor.pipeline import safety_sets
 
@@ -69,8 +70,6 @@ def main():
 
         per_domain = [get_domain(d).load("train", 8 * (args.steps + 1), seed=0) for d in cfg.data.domains]
         task = [ex for group in zip(*per_domain) for ex in group]
-    if args.model == "tiny-random":
-        task = [{"prompt": p, "response": r} for p, r in TASK] * 8
     variants = {"standard": get_method("standard"),
                 "projection": get_method("safeanchor", {"gamma": 0.0, "csm": False}),
                 "anchor": get_method("safeanchor", {"csm": False})}

@@ -231,7 +231,7 @@ class SafeAnchor(Method):
                     for n, ab in modules.items() if ab[0].weight.grad is not None}
         return logs
 
-    def _anchor_update(self, ctx) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _anchor_update(self, ctx, modules) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The anchor's exact share of this step's AdamW update, per module (A, B).
 
         AdamW's update is -lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) - lr * wd * theta, linear in the first
@@ -248,12 +248,12 @@ class SafeAnchor(Method):
                                "ctx.clip_coef set for the step, as train_steps does; set them in a custom loop")
         group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
         shares = {}
-        for n, (a_lin, b_lin) in ss.lora_modules(ctx.model).items():
+        for n, (a_lin, b_lin) in modules.items():
             if n not in self._anchor_grads:
                 continue
             out = []
-            for lin, g_a in zip((a_lin, b_lin), self._anchor_grads[n]):
-                p, key = lin.weight, f"{n}.{'A' if lin is a_lin else 'B'}"
+            for lin, g_a, part in zip((a_lin, b_lin), self._anchor_grads[n], "AB"):
+                p, key = lin.weight, f"{n}.{part}"
                 state, group = opt.state[p], group_of[id(p)]
                 t = int(state["step"])
                 b1, b2 = group["betas"]
@@ -303,7 +303,7 @@ class SafeAnchor(Method):
                     deltas[n] = (a_lin.weight - before[a_name], b_lin.weight - before[b_name])
                 if self.options.project == "update":
                     # the anchor's share of the update (if it bypasses) is taken out, the rest projected
-                    anchor = self._anchor_update(ctx) if getattr(self, "_anchor_grads", None) else {}
+                    anchor = self._anchor_update(ctx, modules) if self._anchor_grads else {}
                     for n, (ua, ub) in anchor.items():
                         deltas[n] = (deltas[n][0] - ua, deltas[n][1] - ub)
                     fr = self._project_params(ctx, deltas)
