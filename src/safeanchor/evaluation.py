@@ -18,18 +18,30 @@ from .generation import generate
 
 
 def judge_prompts(model, tokenizer, judge, prompts: list[str], max_new_tokens: int, batch_size: int,
-                  desc: str) -> tuple[float, list[dict]]:
-    """(% labelled 1 by the judge, records). Unparseable (-1) count as not-1 and are reported."""
-    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc=desc)
-    labels = judge(prompts, completions)
-    records = [{"prompt": p, "completion": c, "label": lbl} for p, c, lbl in zip(prompts, completions, labels)]
-    rate = 100.0 * sum(1 for lbl in labels if lbl == 1) / max(1, len(labels))
+                  desc: str, dist=None) -> tuple[float, list[dict]]:
+    """(% labelled 1 by the judge, records). Unparseable (-1) count as not-1 and are reported. With a
+    data-parallel ``dist`` each process generates and judges its share; every process gets all records."""
+    from .distributed import Dist
+
+    dist = dist or Dist()
+    mine = dist.split(prompts)
+    completions = generate(model, tokenizer, mine, max_new_tokens, batch_size, desc=desc, progress=dist.is_main)
+    labels = judge(mine, completions) if mine else []
+    records = dist.merge(dist.gather([{"prompt": p, "completion": c, "label": lbl}
+                                      for p, c, lbl in zip(mine, completions, labels)]))
+    rate = 100.0 * sum(1 for r in records if r["label"] == 1) / max(1, len(records))
     return rate, records
 
 
 @torch.no_grad()
-def domain_score(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8) -> dict:
-    """Token accuracy (%) and mean NLL over the response tokens of held-out examples."""
+def domain_score(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8, dist=None) -> dict:
+    """Token accuracy (%) and mean NLL over the response tokens of held-out examples (with a
+    data-parallel ``dist``: each process scores its share and the counts are summed)."""
+    if dist is not None and dist.active:
+        part = domain_score(model, tokenizer, dist.split(examples), max_length, batch_size)
+        correct, total, nll = dist.sum([part["token_accuracy"] * part["tokens"] / 100.0, part["tokens"],
+                                        part["nll"] * part["tokens"]])
+        return {"token_accuracy": 100.0 * correct / max(1, total), "nll": nll / max(1, total), "tokens": int(total)}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -46,17 +58,17 @@ def domain_score(model, tokenizer, examples: list[dict], max_length: int, batch_
 
 
 def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[str], domain_evals: dict,
-                  out_file: Path | None = None) -> dict:
+                  out_file: Path | None = None, dist=None) -> dict:
     ec = cfg.eval
     refusal, harm_records = judge_prompts(model, tokenizer, judge, probe, ec.max_new_tokens, ec.batch_size,
-                                          "eval harmful")
+                                          "eval harmful", dist)
     over, benign_records = judge_prompts(model, tokenizer, judge, benign, ec.max_new_tokens, ec.batch_size,
-                                         "eval benign")
+                                         "eval benign", dist)
     scores, nlls = {}, {}
     for name, examples in domain_evals.items():
-        s = domain_score(model, tokenizer, examples, cfg.train.max_length)
+        s = domain_score(model, tokenizer, examples, cfg.train.max_length, dist=dist)
         scores[name], nlls[name] = round(s["token_accuracy"], 2), round(s["nll"], 4)
-    if out_file is not None:
+    if out_file is not None and (dist is None or dist.is_main):
         out_file.parent.mkdir(parents=True, exist_ok=True)
         with open(out_file, "w") as fh:
             for kind, recs in (("harmful", harm_records), ("benign", benign_records)):

@@ -116,10 +116,12 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
 
 
 def _save_stage(path: Path, ctx: Context) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"lora": _lora_state(ctx.model), "method": ctx.method.state_dict()}, tmp)
-    os.replace(tmp, path)
+    if ctx.dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"lora": _lora_state(ctx.model), "method": ctx.method.state_dict()}, tmp)
+        os.replace(tmp, path)
+    ctx.dist.barrier()
 
 
 def _load_stage(path: Path, ctx: Context) -> None:
@@ -134,10 +136,19 @@ def _load_stage(path: Path, ctx: Context) -> None:
 
 
 def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
-    """Run (or resume) the sequential pipeline; returns the results dict also written to results.json."""
+    """Run (or resume) the sequential pipeline; returns the results dict also written to results.json.
+
+    Started by ``accelerate launch`` / ``torchrun`` with N processes, every process runs this function:
+    training is data-parallel (distributed.py), evaluation is split over the processes, and rank 0
+    alone writes files and prints.
+    """
     from .data.domains import get_domain
     from .data.safety import benign_borderline, harm_probe
+    from .distributed import init
 
+    dist = init()
+    if not dist.is_main:
+        progress = _quiet
     method = get_method(cfg.method, method_options_for(cfg))
     domains = [get_domain(d) for d in cfg.data.domains]  # unknown names -> error before any work or file
     judge = get_judge(cfg.eval.judge)
@@ -151,21 +162,25 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
             diff = sorted(k for k in resolved if saved.get(k) != resolved[k])
             raise SafeAnchorError(f"{run_dir} holds a run with a different config (sections {diff}); "
                                   f"use another --out, or delete {run_dir} to start over")
-    else:
+    elif dist.is_main:
         write_json(cfg_path, {"config": resolved, "versions": versions()})
-
+    dist.barrier()
 
     base_dir = None
     if cfg.aligned:
         from .align import ensure_aligned
 
+        if not dist.is_main:
+            dist.barrier()  # rank 0 aligns (or finds the cache) first; the others then read the cache
         base_dir = ensure_aligned(cfg, progress=progress)
+        if dist.is_main:
+            dist.barrier()
     seed_everything(cfg.seed, 0)
     model, tok = load_model(cfg.model, path=str(base_dir) if base_dir else None)
     model = attach_lora(model, cfg.lora)
     calib, monitor = safety_sets(cfg)
     ctx = Context(cfg=cfg, model=model, tokenizer=tok, run_dir=run_dir, method=method, calibration=calib,
-                  monitor_prompts=monitor, evaluator=_refusal_evaluator(judge), base_dir=base_dir)
+                  monitor_prompts=monitor, evaluator=_refusal_evaluator(judge), base_dir=base_dir, dist=dist)
     probe = harm_probe(cfg.eval.probe_size)
     benign = benign_borderline("eval")[: cfg.eval.benign_size]
     domain_evals = {d.name: d.load("eval", cfg.data.eval_examples_per_domain, seed=0) for d in domains}
@@ -173,22 +188,27 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {
         "method": cfg.method, "model": cfg.model.name, "seed": cfg.seed, "domains": list(cfg.data.domains),
-        "base_model_dir": _link_base(run_dir, base_dir) if base_dir else None, "steps": [], "prepare": None,
+        "base_model_dir": (_link_base(run_dir, base_dir) if dist.is_main else "base_model") if base_dir else None, "steps": [], "prepare": None,
         "method_config": to_dict(method.options), "versions": versions()}
 
     def finish_step(entry: dict) -> None:
         results["steps"].append(entry)
-        write_json(results_path, results)
-        from .report import write_report
+        if dist.is_main:
+            write_json(results_path, results)
+            from .report import write_report
 
-        write_report(run_dir, results)
+            write_report(run_dir, results)
+        dist.barrier()
         progress(f"[{cfg.method}] after {entry['after']}: refusal {entry['refusal_rate']:.1f}%  "
                  f"over-refusal {entry['over_refusal_rate']:.1f}%  domain scores {entry['domain_scores']}")
 
     def measure(k: int, after: str) -> dict:
         out = evaluate_step(ctx.model, tok, judge, cfg, probe, benign, domain_evals,
-                            run_dir / "generations" / f"{k}-{after}.jsonl")
-        if cfg.eval.tasks:
+                            run_dir / "generations" / f"{k}-{after}.jsonl", dist=dist)
+        if cfg.eval.tasks and not dist.is_main:
+            # the evaluation suite runs on rank 0 alone; its numbers reach the others with the results
+            out["suite"] = dist.gather([None])[0][0]
+        elif cfg.eval.tasks:
             from .suite import evaluate as run_suite
 
             report = run_suite(ctx.model, tok, list(cfg.eval.tasks), run_dir / "suite" / f"{k}-{after}", judge=judge,
@@ -197,6 +217,7 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
                             for name, res in report["tasks"].items()}
             if "composite_safety" in report:
                 out["composite_safety"] = report["composite_safety"]
+            dist.gather([out["suite"]])
         return out
 
     if not results["steps"]:
@@ -213,7 +234,8 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
         rec = method.prepare(ctx)
         _save_stage(stage0, ctx)
         results["prepare"] = {**rec, "seconds": round(time.time() - t0, 1)}
-        write_json(results_path, results)
+        if dist.is_main:
+            write_json(results_path, results)
     restored = False
     for t, domain in enumerate(domains, start=1):
         if len(results["steps"]) > t:
@@ -233,7 +255,9 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
                 method.reset_adapters(ctx)
         steps = steps_for(cfg, len(examples))
         ckpt = run_dir / "checkpoints" / f"domain{t}.pt"
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        if dist.is_main:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
         t0 = time.time()
         history = train_steps(ctx, examples, steps, stream=t, ckpt=ckpt, desc=f"{cfg.method} {domain.name}")
         train_seconds = time.time() - t0
@@ -242,7 +266,8 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
         rec = method.after_domain(ctx, t, domain.name)
         after_seconds = time.time() - t0
         adapter_rel = f"adapters/{t}-{domain.name}"
-        method.save_adapter(ctx, run_dir / adapter_rel)
+        if dist.is_main:
+            method.save_adapter(ctx, run_dir / adapter_rel)
         _save_stage(run_dir / "state" / f"stage{t}.pt", ctx)
         t0 = time.time()
         entry = {"after": domain.name, **measure(t, domain.name), "adapter": adapter_rel,
@@ -252,7 +277,8 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
                  "method": rec}
         entry["eval_seconds"] = round(time.time() - t0, 1)
         finish_step(entry)
-        ckpt.unlink(missing_ok=True)
+        if dist.is_main:
+            ckpt.unlink(missing_ok=True)
     return results
 
 
@@ -262,10 +288,15 @@ def _refusal_evaluator(judge):
 
     def evaluate(ctx, prompts: list[str]) -> float:
         ec = ctx.cfg.eval
-        rate, _ = judge_prompts(ctx.model, ctx.tokenizer, judge, prompts, ec.max_new_tokens, ec.batch_size, "monitor")
+        rate, _ = judge_prompts(ctx.model, ctx.tokenizer, judge, prompts, ec.max_new_tokens, ec.batch_size, "monitor",
+                                ctx.dist)
         return round(rate, 2)
 
     return evaluate
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """progress() of a process other than rank 0: one copy of every message is enough."""
 
 
 def _summarise(history: list[dict]) -> dict:

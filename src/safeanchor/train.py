@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.chat import collate, encode
+from .distributed import Dist
 from .errors import SafeAnchorError
 
 
@@ -35,6 +36,8 @@ class Context:
     optimizer: object = None
     step_lr: float = 0.0
     clip_coef: float = 1.0
+    # this process's place in a data-parallel group (distributed.py); the default is a single process
+    dist: Dist = field(default_factory=Dist)
 
     @property
     def device(self) -> torch.device:
@@ -43,11 +46,12 @@ class Context:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    @staticmethod
-    def check_finite(loss: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(loss).all():
-            raise SafeAnchorError(f"{what} is {loss.item()} (not finite); lower train.lr, check the data for empty "
-                                  f"responses, or use model.dtype: float32; finished steps are kept, rerun resumes")
+    def check_finite(self, loss: torch.Tensor, what: str) -> None:
+        # in a data-parallel group every process learns of a non-finite loss on any of them, so all raise together
+        if self.dist.any(not bool(torch.isfinite(loss).all())):
+            raise SafeAnchorError(f"{what} is {loss.detach().flatten()[0].item()} (not finite, here or in another "
+                                  f"process); lower train.lr, check the data for empty responses, or use model.dtype: "
+                                  f"float32; finished steps are kept, rerun resumes")
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -97,11 +101,15 @@ def make_optimizer(params, lr, tc, total_steps):
 
 
 def _save_ckpt(path: Path, ctx: Context, opt, sched, step: int, history: list) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in ctx.trainable().items()},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state(), "method": ctx.method.state_dict(), "history": history}, tmp)
-    os.replace(tmp, path)
+    rngs = ctx.dist.gather([torch.get_rng_state()])  # each process's own RNG (dropout masks differ per shard)
+    if ctx.dist.is_main:
+        tmp = path.with_suffix(".tmp")
+        torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in ctx.trainable().items()},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "torch_rng": rngs[0][0], "rank_rng": [r[0] for r in rngs], "method": ctx.method.state_dict(),
+                    "history": history}, tmp)
+        os.replace(tmp, path)
+    ctx.dist.barrier()
 
 
 def _load_ckpt(path: Path, ctx: Context, opt, sched) -> tuple[int, list]:
@@ -115,7 +123,11 @@ def _load_ckpt(path: Path, ctx: Context, opt, sched) -> tuple[int, list]:
             p.copy_(state["params"][n].to(p.device, p.dtype))
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    rank_rng = state.get("rank_rng") or [state["torch_rng"]]
+    if len(rank_rng) != ctx.dist.world:
+        raise SafeAnchorError(f"checkpoint {path} was written by {len(rank_rng)} process(es), this run has "
+                              f"{ctx.dist.world}; resume with the same number of processes")
+    torch.set_rng_state(rank_rng[ctx.dist.rank])
     ctx.method.load_state_dict(state["method"], ctx)
     return state["step"], state["history"]
 
@@ -140,11 +152,14 @@ def train_steps(ctx: Context, examples: list[dict], steps: int, stream: int, ckp
         start, history = _load_ckpt(ckpt, ctx, opt, sched)
     ctx.model.train()
     crash_at = os.environ.get("SAFEANCHOR_TEST_CRASH_AT")  # "stream:step": simulate a kill (tests only)
-    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False)
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False, disable=not ctx.dist.is_main)
     for step in bar:
         micro = [ctx.to_device(stream_.batch(step * tc.grad_accum + k)) for k in range(tc.grad_accum)]
         ctx.optimizer, ctx.step_lr, ctx.clip_coef = opt, opt.param_groups[0]["lr"], 1.0
         logs = method.compute_grads(ctx, micro)
+        if ctx.dist.active:  # one all-reduce: every process now holds the whole batch's gradient
+            ctx.dist.average_grads(params)
+            logs["loss"] = ctx.dist.mean(logs["loss"])
         logs.update(method.rewrite_gradients(ctx))
         if tc.max_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
@@ -164,5 +179,6 @@ def train_steps(ctx: Context, examples: list[dict], steps: int, stream: int, ckp
             os._exit(137)
         if stop is not None and step + 1 < steps and stop(step + 1):
             break
+    ctx.dist.broadcast_params(params)  # identical already; this only removes kernel-level floating drift
     ctx.model.eval()
     return history

@@ -64,11 +64,15 @@ class Method:
         return None
 
     def compute_grads(self, ctx, micro_batches: list[dict]) -> dict:
-        """Accumulate gradients of mean(task loss) + penalty over the micro-batches; return logs."""
+        """Accumulate gradients of mean(task loss) + penalty over the micro-batches; return logs.
+
+        In a data-parallel group each process takes its rows of every micro-batch, weighted so that the
+        average over processes (train.py's all-reduce) is the whole micro-batch's response-token mean."""
         n = len(micro_batches)
         task_total, pen_total, has_pen = 0.0, 0.0, False
         for batch in micro_batches:
-            task = mean_token_nll(ctx.model, batch)
+            part, weight = ctx.dist.shard(batch)
+            task = weight * mean_token_nll(ctx.model, part)
             pen = self.penalty(ctx)
             loss = task if pen is None else task + pen
             ctx.check_finite(loss, "training loss")

@@ -213,12 +213,14 @@ class Vaccine(Method):
         hooked = list(attention_modules(ctx.model))
         history = train_steps(ctx, ctx.calibration, steps, stream=VACCINE_STREAM, ckpt=ckpt,
                               lr=self.options.lr or None, desc="vaccine", method=_VaccineStep(self))
-        ckpt.unlink(missing_ok=True)
+        if ctx.dist.is_main:
+            ckpt.unlink(missing_ok=True)
         rec = {"steps": steps, "rho": self.options.rho, "hooked_modules": len(hooked),
                "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
                "first_clean_loss": history[0]["clean_loss"], "final_clean_loss": history[-1]["clean_loss"]}
         if self.options.merge:
-            ctx.model.save_pretrained(ctx.run_dir / "vaccine_adapter")
+            if ctx.dist.is_main:
+                ctx.model.save_pretrained(ctx.run_dir / "vaccine_adapter")
             factors = {n: (a.cpu().clone(), b.cpu().clone(), s) for n, (a, b, s) in lora_factors(ctx.model).items()}
             _merge_into_base(ctx, factors)
             reset_lora(ctx.model, ["default"])
