@@ -38,8 +38,11 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     dist = init()
-    cfg = load_config("quickstart", overrides={"model.name": args.model, "lora.dropout": 0.0,
-                                               "method": args.method})
+    over = {"model.name": args.model, "lora.dropout": 0.0, "method": args.method}
+    if args.model == "tiny-random":  # a check of the script itself: the smoke preset's alignment, no artifact
+        over.update({"align.artifact": "", "align.steps": 3, "align.harmful_examples": 16,
+                     "align.benign_examples": 16, "align.answer_tokens": 8, "train.max_length": 96})
+    cfg = load_config("quickstart", overrides=over)
     if not dist.is_main:
         dist.barrier()
     base = ensure_aligned(cfg, progress=lambda *_: None) if cfg.aligned else None

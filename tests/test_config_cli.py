@@ -46,6 +46,8 @@ def test_override_dotted():
     (["run", "--preset", "smoke", "--set", "lora.target_modules=[c_attn]"], "LoRA target module(s) ['c_attn']"),
     (["run", "--preset", "smoke", "--set", "data.domains=[astrology]"], "unknown domain"),
     (["run", "--config", "/no/such.yaml"], "does not exist"),
+    (["run", "--preset", "quickstart", "--method", "standard", "--set", "model.name=tiny-random"],
+     "smollm2-align was trained on embedded:smollm2"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys):
     code = main(argv + ["--out", str(tmp_path / "run")])

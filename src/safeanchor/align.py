@@ -160,6 +160,10 @@ def merge_artifact(cfg, target: Path, progress=print) -> dict:
         raise SafeAnchorError(f"alignment artifact {path} has checksum {got[:16]}..., ARTIFACT.json says "
                               f"{str(meta.get('adapter_sha256'))[:16]}...; restore the files or retrain with "
                               f"`safeanchor align`")
+    if meta.get("model") and meta["model"] != cfg.model.name:
+        raise SafeAnchorError(f"alignment artifact {path.name} was trained on {meta['model']}, but model.name is "
+                              f"{cfg.model.name!r}; set align.artifact= (empty) to run the alignment stage for this "
+                              f"model, or aligned: false if it is already safety-aligned")
     model, tok = load_model(cfg.model)
     merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     progress(f"align: merged committed artifact {path.name} (made by: {meta.get('command')})")
