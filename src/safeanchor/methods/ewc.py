@@ -172,7 +172,8 @@ class EWC(Method):
         logs = super().compute_grads(ctx, micro_batches)
         if self.fisher:
             logs.setdefault("penalty", 0.0)
-            logs["penalty_to_loss"] = logs["penalty"] / max(logs["loss"], 1e-12)
+            # the whole batch's task loss (under data parallelism logs["loss"] is this process's weighted share)
+            logs["penalty_to_loss"] = logs["penalty"] / max(ctx.dist.mean(logs["loss"]), 1e-12)
         return logs
 
     def after_domain(self, ctx, t: int, domain: str) -> dict:
