@@ -33,8 +33,11 @@ for stage in $STAGES; do
     suite)     # HumanEval after every step; GCG on the aligned base (CPU budget)
                $SA eval --run runs/compare/standard-seed0 --tasks humaneval --limit 40 --out runs/suite/standard-humaneval
                $SA eval --model runs/compare/standard-seed0/base_model --tasks gcg --set gcg.preset=cpu \
-                 --limit 12 --out runs/suite/gcg-aligned ;;
-    overhead)  .venv/bin/python benchmarks/safeanchor_overhead.py ;;
+                 --limit 12 --out runs/suite/gcg-aligned
+               $SA eval --model runs/compare/standard-seed0/base_model --tasks harmbench,truthfulqa,bbq,mmlu,medqa,legalbench,composite \
+                 --limit 300 --out runs/suite/aligned-base ;;
+    overhead)  .venv/bin/python benchmarks/safeanchor_overhead.py
+               .venv/bin/python benchmarks/data_parallel.py --steps 5 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
