@@ -43,11 +43,8 @@ def worker(args) -> None:
         over.update({"align.artifact": "", "align.steps": 3, "align.harmful_examples": 16,
                      "align.benign_examples": 16, "align.answer_tokens": 8, "train.max_length": 96})
     cfg = load_config("quickstart", overrides=over)
-    if not dist.is_main:
-        dist.barrier()
-    base = ensure_aligned(cfg, progress=lambda *_: None) if cfg.aligned else None
-    if dist.is_main:
-        dist.barrier()
+    with dist.main_first():
+        base = ensure_aligned(cfg, progress=lambda *_: None) if cfg.aligned else None
     seed_everything(0, 0)
     model, tok = load_model(cfg.model, path=str(base) if base else None)
     model = attach_lora(model, cfg.lora)

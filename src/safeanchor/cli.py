@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -51,23 +50,22 @@ def cmd_run(args) -> int:
             cfg = _config(args, extra)  # every config is checked before any work starts
             run_dir = out if len(methods) * len(seeds) == 1 else out / f"{cfg.method}-seed{cfg.seed}"
             plan.append((cfg, run_dir))
-    from .distributed import launched_world_size
+    from .distributed import init, launched_world_size
 
     world = launched_world_size()
     if world > 1 and args.jobs > 1:
         raise SafeAnchorError(f"--jobs {args.jobs} starts separate runs, but this command was launched as {world} "
                               f"data-parallel processes; use one or the other (drop --jobs under accelerate/torchrun)")
+    dist = init()
     if args.jobs > 1 and len(plan) > 1:
         runs = _run_parallel(args, plan, args.jobs)
     else:
         runs = {}
         for cfg, run_dir in plan:
-            if os.environ.get("RANK", "0") == "0":
+            if dist.is_main:
                 print(f"== {cfg.method} seed {cfg.seed} -> {run_dir}", flush=True)
             runs[(cfg.method, cfg.seed)] = run(cfg, run_dir)
-    from .distributed import current
-
-    if not current().is_main:
+    if not dist.is_main:
         return 0  # rank 0 writes the comparison and prints
     if len(runs) > 1:
         path = compare(out, runs)

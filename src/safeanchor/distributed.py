@@ -16,6 +16,7 @@ process (rank 0) writes every file. The process group comes from ``accelerate.Pa
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -89,11 +90,7 @@ class Dist:
             p.grad.div_(self.world)
 
     def mean(self, value: float) -> float:
-        if not self.active:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return float(t.item()) / self.world
+        return self.sum([value])[0] / self.world
 
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on any (so all of them raise together)."""
@@ -109,6 +106,15 @@ class Dist:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return t.tolist()
+
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the body first (e.g. builds a cache), then the others (which find it built)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
     def gather(self, items: list) -> list[list]:
         """Every process's ``items`` (a picklable list), in rank order, on every process."""

@@ -33,15 +33,19 @@ def judge_prompts(model, tokenizer, judge, prompts: list[str], max_new_tokens: i
     return rate, records
 
 
-@torch.no_grad()
 def domain_score(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8, dist=None) -> dict:
     """Token accuracy (%) and mean NLL over the response tokens of held-out examples (with a
     data-parallel ``dist``: each process scores its share and the counts are summed)."""
     if dist is not None and dist.active:
-        part = domain_score(model, tokenizer, dist.split(examples), max_length, batch_size)
-        correct, total, nll = dist.sum([part["token_accuracy"] * part["tokens"] / 100.0, part["tokens"],
-                                        part["nll"] * part["tokens"]])
-        return {"token_accuracy": 100.0 * correct / max(1, total), "nll": nll / max(1, total), "tokens": int(total)}
+        correct, total, nll = dist.sum(_score_counts(model, tokenizer, dist.split(examples), max_length, batch_size))
+    else:
+        correct, total, nll = _score_counts(model, tokenizer, examples, max_length, batch_size)
+    return {"token_accuracy": 100.0 * correct / max(1, total), "nll": nll / max(1, total), "tokens": int(total)}
+
+
+@torch.no_grad()
+def _score_counts(model, tokenizer, examples: list[dict], max_length: int, batch_size: int) -> list[float]:
+    """[correct argmax predictions, response tokens, summed NLL] over ``examples``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -54,7 +58,7 @@ def domain_score(model, tokenizer, examples: list[dict], max_length: int, batch_
         nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         total += targets.numel()
     model.train(was_training)
-    return {"token_accuracy": 100.0 * correct / max(1, total), "nll": nll / max(1, total), "tokens": total}
+    return [correct, total, nll]
 
 
 def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[str], domain_evals: dict,

@@ -101,14 +101,13 @@ def method_options_for(cfg: RunConfig) -> dict:
     return cfg.method_options.get(cfg.method) or {}
 
 
-def _link_base(run_dir: Path, base_dir: Path) -> str:
+def _link_base(run_dir: Path, base_dir: Path) -> None:
     link = run_dir / "base_model"
     if not link.exists():
         try:
             link.symlink_to(base_dir.resolve(), target_is_directory=True)
         except OSError:
             shutil.copytree(base_dir, link)
-    return "base_model"
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
@@ -170,11 +169,10 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
     if cfg.aligned:
         from .align import ensure_aligned
 
-        if not dist.is_main:
-            dist.barrier()  # rank 0 aligns (or finds the cache) first; the others then read the cache
-        base_dir = ensure_aligned(cfg, progress=progress)
+        with dist.main_first():  # rank 0 aligns (or finds the cache); the others then read the cache
+            base_dir = ensure_aligned(cfg, progress=progress)
         if dist.is_main:
-            dist.barrier()
+            _link_base(run_dir, base_dir)
     seed_everything(cfg.seed, 0)
     model, tok = load_model(cfg.model, path=str(base_dir) if base_dir else None)
     model = attach_lora(model, cfg.lora)
@@ -188,7 +186,7 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {
         "method": cfg.method, "model": cfg.model.name, "seed": cfg.seed, "domains": list(cfg.data.domains),
-        "base_model_dir": (_link_base(run_dir, base_dir) if dist.is_main else "base_model") if base_dir else None, "steps": [], "prepare": None,
+        "base_model_dir": "base_model" if base_dir else None, "steps": [], "prepare": None,
         "method_config": to_dict(method.options), "versions": versions()}
 
     def finish_step(entry: dict) -> None:
@@ -205,10 +203,7 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
     def measure(k: int, after: str) -> dict:
         out = evaluate_step(ctx.model, tok, judge, cfg, probe, benign, domain_evals,
                             run_dir / "generations" / f"{k}-{after}.jsonl", dist=dist)
-        if cfg.eval.tasks and not dist.is_main:
-            # the evaluation suite runs on rank 0 alone; its numbers reach the others with the results
-            out["suite"] = dist.gather([None])[0][0]
-        elif cfg.eval.tasks:
+        if cfg.eval.tasks and dist.is_main:  # the evaluation suite runs on rank 0 alone (it writes the results)
             from .suite import evaluate as run_suite
 
             report = run_suite(ctx.model, tok, list(cfg.eval.tasks), run_dir / "suite" / f"{k}-{after}", judge=judge,
@@ -217,7 +212,6 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
                             for name, res in report["tasks"].items()}
             if "composite_safety" in report:
                 out["composite_safety"] = report["composite_safety"]
-            dist.gather([out["suite"]])
         return out
 
     if not results["steps"]:
@@ -255,9 +249,7 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
                 method.reset_adapters(ctx)
         steps = steps_for(cfg, len(examples))
         ckpt = run_dir / "checkpoints" / f"domain{t}.pt"
-        if dist.is_main:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         history = train_steps(ctx, examples, steps, stream=t, ckpt=ckpt, desc=f"{cfg.method} {domain.name}")
         train_seconds = time.time() - t0

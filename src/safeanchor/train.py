@@ -106,7 +106,7 @@ def _save_ckpt(path: Path, ctx: Context, opt, sched, step: int, history: list) -
         tmp = path.with_suffix(".tmp")
         torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in ctx.trainable().items()},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "torch_rng": rngs[0][0], "rank_rng": [r[0] for r in rngs], "method": ctx.method.state_dict(),
+                    "rank_rng": [r[0] for r in rngs], "method": ctx.method.state_dict(),
                     "history": history}, tmp)
         os.replace(tmp, path)
     ctx.dist.barrier()
@@ -123,7 +123,7 @@ def _load_ckpt(path: Path, ctx: Context, opt, sched) -> tuple[int, list]:
             p.copy_(state["params"][n].to(p.device, p.dtype))
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    rank_rng = state.get("rank_rng") or [state["torch_rng"]]
+    rank_rng = state.get("rank_rng") or [state["torch_rng"]]  # torch_rng: checkpoints from before data parallelism
     if len(rank_rng) != ctx.dist.world:
         raise SafeAnchorError(f"checkpoint {path} was written by {len(rank_rng)} process(es), this run has "
                               f"{ctx.dist.world}; resume with the same number of processes")
