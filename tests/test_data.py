@@ -1,9 +1,11 @@
 """Data: real files read from the cached PyPI archives (offline once cached), self-written sets, domains."""
 import json
+import os
 import random
 import re
 import sys
 import types
+import urllib.request
 
 import pytest
 
@@ -231,3 +233,56 @@ def test_templates_and_repairs():
     assert contract_answer("Does the clause waive damages?", False) == "No. The clause does not waive damages."
     assert contract_answer("Is this a non-compete clause?", False) == "No. This is not a non-compete clause."
     assert repair_rt("Aery and cailage (pa of the hea)") == "Artery and cartilage (pa of the heart)"
+
+
+def _local_index(tmp_path, payload: bytes, filename: str):
+    """A PEP 503 simple index on disk with one package page linking (relatively) to ``filename``."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / filename).write_bytes(payload)
+    page = tmp_path / "simple" / "demo-pkg"
+    page.mkdir(parents=True)
+    (page / "index.html").write_text(
+        f'<html><body><a href="../../files/other-0.1.tar.gz#sha256=00">other-0.1.tar.gz</a><br/>'
+        f'<a href="../../files/{filename}#sha256=ab">{filename}</a></body></html>')
+    return (tmp_path / "simple").as_uri()
+
+
+def test_sdist_fetched_from_index_without_pip(tmp_path, monkeypatch):
+    import hashlib
+    import subprocess
+
+    payload = os.urandom(3000)
+    filename = "demo-pkg-1.0.tar.gz"
+    index = _local_index(tmp_path, payload, filename)
+    monkeypatch.setattr(fetch, "index_url", lambda: index)
+    # a file:// package page is a directory: serve its index.html, as a web server would
+    real_urlopen = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=None: real_urlopen(url + "index.html" if url.endswith("/") else url))
+    monkeypatch.setenv("SAFEANCHOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("an sdist must not go through pip"))
+    good = fetch.Archive("demo-pkg", "1.0", filename, hashlib.sha256(payload).hexdigest(), "test")
+    monkeypatch.setitem(fetch.ARCHIVES, "demo", good)
+    path = fetch.archive_path("demo")
+    assert path == tmp_path / "cache" / "archives" / filename and path.read_bytes() == payload
+    # a file whose checksum is not the pinned one is refused and nothing is left behind
+    path.unlink()
+    monkeypatch.setitem(fetch.ARCHIVES, "demo", fetch.Archive("demo-pkg", "1.0", filename, "0" * 64, "test"))
+    with pytest.raises(SafeAnchorError, match="sha256 .* expected 0000"):
+        fetch.archive_path("demo")
+    assert list((tmp_path / "cache" / "archives").iterdir()) == []
+    # a page that does not list the file names it
+    monkeypatch.setitem(fetch.ARCHIVES, "demo", fetch.Archive("demo-pkg", "2.0", "demo-pkg-2.0.tar.gz", "0" * 64, "t"))
+    with pytest.raises(SafeAnchorError, match="does not list demo-pkg-2.0.tar.gz"):
+        fetch.archive_path("demo")
+
+
+def test_link_from_index_resolves_relative_and_absolute_links():
+    html = ('<a href="https://files.example/p/ab/x-1.0.tar.gz#sha256=1">x-1.0.tar.gz</a>'
+            '<a href="../../packages/x-1.1.tar.gz">x-1.1.tar.gz</a><a name="x-1.2.tar.gz">no href</a>')
+    base = "https://pypi.example/simple/x/"
+    assert fetch._link_from_index(html, "x-1.0.tar.gz", base) == "https://files.example/p/ab/x-1.0.tar.gz"
+    assert fetch._link_from_index(html, "x-1.1.tar.gz", base) == "https://pypi.example/packages/x-1.1.tar.gz"
+    assert fetch._link_from_index(html, "x-1.2.tar.gz", base) is None
+    assert fetch._link_from_index(html, "x-1.0.tar", base) is None

