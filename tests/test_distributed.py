@@ -121,6 +121,9 @@ def test_two_gloo_processes_train_like_one(tmp_path):
             assert abs(s1["train"]["first_loss"] - s2["train"]["first_loss"]) < 1e-5, m
             assert abs(s1["train"]["final_loss"] - s2["train"]["final_loss"]) < 1e-5, m
             assert s1["domain_scores"].keys() == s2["domain_scores"].keys()
+            if m == "safeanchor":  # the anchor KL, computed on each process's half of the anchor batch
+                kl1, kl2 = s1["train"]["logs"]["anchor_kl"], s2["train"]["logs"]["anchor_kl"]
+                assert kl1 > 0 and abs(kl1 - kl2) <= 1e-4 * kl1 + 2e-6, (kl1, kl2)  # logs keep 6 decimals
         for t1, t2 in zip(a1, a2):
             assert t1.keys() == t2.keys()
             for k in t1:

@@ -274,21 +274,35 @@ class SafeAnchor(Method):
         return ctx.to_device(stream.batch(self.step_count))
 
     def _anchor_backward(self, ctx) -> float:
-        """gamma * KL(p_aligned || p_theta), mean over response tokens; backward adds its gradient."""
+        """gamma * KL(p_aligned || p_theta), mean over response tokens; backward adds its gradient.
+
+        Under data parallelism each process takes its rows of the anchor batch with the shard weight
+        (as for the task loss) and one more all-reduce averages the gradients: the task part is already
+        the same everywhere, so the average adds exactly the whole anchor batch's gradient. A batch with
+        fewer rows than processes is computed whole on every process instead.
+        """
         batch = self._anchor_batch(ctx)
+        dist, weight = ctx.dist, 1.0
+        sharded = dist.active and batch["input_ids"].shape[0] >= dist.world
+        if sharded:
+            batch, weight = dist.shard(batch)
         with torch.no_grad(), ctx.model.disable_adapter():
             ref_logits, _ = response_logits(ctx.model, batch)
         logits, _ = response_logits(ctx.model, batch)
         ref_logp = torch.log_softmax(ref_logits, -1)
         kl = (ref_logp.exp() * (ref_logp - torch.log_softmax(logits, -1))).sum(-1).mean()
         ctx.check_finite(kl, "anchor KL")
-        ctx.backward(self.options.gamma * kl)
+        ctx.backward(self.options.gamma * weight * kl)
+        kl_value = float(kl.detach()) * weight
+        if sharded:
+            dist.average_grads(list(ctx.trainable().values()))
+            kl_value = dist.mean(kl_value)
         if self.options.anchor_projected and self.options.project == "gradient":
             modules = ss.lora_modules(ctx.model)
             with torch.no_grad():
                 self._project_params(ctx, {n: (a.weight.grad, b.weight.grad) for n, (a, b) in modules.items()
                                            if a.weight.grad is not None})
-        return float(kl.detach())
+        return kl_value
 
     def after_step(self, ctx, before) -> dict:
         self.step_count += 1

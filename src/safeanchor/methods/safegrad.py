@@ -102,8 +102,8 @@ class SafeGrad(Method):
         stream = BatchStream(encoded, size, ctx.cfg.seed, ALIGN_STREAM, ctx.tokenizer.pad_token_id)
         return ctx.to_device(stream.batch(self.step_count))
 
-    def align_backward(self, ctx, batch: dict) -> float:
-        """Backpropagate the alignment loss on ``batch`` (adds g_a to .grad); returns the loss value.
+    def align_backward(self, ctx, batch: dict, weight: float = 1.0) -> float:
+        """Backpropagate ``weight`` x the alignment loss on ``batch`` (adds g_a to .grad); returns that value.
 
         KL: the gradient goes through the closed form dKL/dlogits = (p_theta - p_aligned) / T (T response
         tokens), via the surrogate sum(logits * that), so g_a is exactly zero where p_theta = p_aligned.
@@ -113,8 +113,8 @@ class SafeGrad(Method):
         if self.options.align_loss == "nll":
             loss = mean_token_nll(ctx.model, batch)
             ctx.check_finite(loss, "SafeGrad alignment loss (nll)")
-            ctx.backward(loss)
-            return loss.item()
+            ctx.backward(weight * loss)
+            return weight * loss.item()
         with torch.no_grad(), ctx.model.disable_adapter():
             ref_logits, _ = response_logits(ctx.model, batch)
         logits, _ = response_logits(ctx.model, batch)
@@ -123,8 +123,10 @@ class SafeGrad(Method):
             kl = (p_ref * (torch.log_softmax(ref_logits, -1) - torch.log_softmax(logits, -1))).sum(-1).mean()
             ctx.check_finite(kl, "SafeGrad alignment loss (kl)")
             dlogits = (p - p_ref) / logits.shape[0]
+            if weight != 1.0:
+                dlogits = dlogits * weight
         ctx.backward((logits * dlogits).sum())
-        return kl.item()
+        return weight * kl.item()
 
     def _groups(self, ctx, params: dict[str, torch.nn.Parameter]) -> list[list[str]]:
         """Parameter-name groups the rule applies to: all at once, or one per LoRA module (A and B together)."""
@@ -144,7 +146,16 @@ class SafeGrad(Method):
         task = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
         for p in params.values():
             p.grad = None
-        loss = self.align_backward(ctx, self.align_batch(ctx))
+        # data parallel: each process its rows of the alignment batch (shard weight as for the task loss),
+        # then one all-reduce; a batch with fewer rows than processes is computed whole everywhere
+        batch, weight, dist = self.align_batch(ctx), 1.0, ctx.dist
+        sharded = dist.active and batch["input_ids"].shape[0] >= dist.world
+        if sharded:
+            batch, weight = dist.shard(batch)
+        loss = self.align_backward(ctx, batch, weight)
+        if sharded:
+            dist.average_grads(list(params.values()))
+            loss = dist.mean(loss)
         align = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
         self.step_count += 1
 
