@@ -33,7 +33,8 @@ def worker(args) -> None:
     from safeanchor.distributed import init
     from safeanchor.methods import get_method
     from safeanchor.models import attach_lora, load_model
-    from safeanchor.pipeline import safety_sets, seed_everything
+    from safeanchor.judges import get_judge
+    from safeanchor.pipeline import _refusal_evaluator, safety_sets, seed_everything
     from safeanchor.train import Context, train_steps
 
     torch.set_num_threads(args.threads)
@@ -50,7 +51,8 @@ def worker(args) -> None:
     model = attach_lora(model, cfg.lora)
     calib, monitor = safety_sets(cfg)
     ctx = Context(cfg=cfg, model=model, tokenizer=tok, run_dir=Path(args.workdir), method=get_method(args.method),
-                  calibration=calib, monitor_prompts=monitor, dist=dist)
+                  calibration=calib, monitor_prompts=monitor, dist=dist,
+                  evaluator=_refusal_evaluator(get_judge(cfg.eval.judge)))  # SafeAnchor's prepare measures s_0
     domain = get_domain(cfg.data.domains[0])
     examples = domain.load("train", cfg.data.examples_per_domain, seed=0)
     ctx.current_domain = domain.name

@@ -37,7 +37,10 @@ for stage in $STAGES; do
                $SA eval --model runs/compare/standard-seed0/base_model --tasks harmbench,truthfulqa,bbq,mmlu,medqa,legalbench,composite \
                  --limit 300 --out runs/suite/aligned-base ;;
     overhead)  .venv/bin/python benchmarks/safeanchor_overhead.py
-               .venv/bin/python benchmarks/data_parallel.py --steps 5 ;;
+               .venv/bin/python benchmarks/data_parallel.py --steps 5
+               for m in safegrad safeanchor; do
+                 .venv/bin/python benchmarks/data_parallel.py --steps 5 --method $m --out benchmarks/results/data_parallel_$m.json
+               done ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

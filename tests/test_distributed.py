@@ -151,3 +151,24 @@ def test_two_processes_killed_mid_domain_resume_exactly(tmp_path):
     crashed = _launch(tmp_path / "mixed", "standard", [], 2, {"SAFEANCHOR_TEST_CRASH_AT": "2:3"})
     single = _launch(tmp_path / "mixed", "standard", [], 1)
     assert single.returncode == 2 and "same number of processes" in single.stderr
+
+
+def test_csm_repair_replay_sharded_like_one_process(tmp_path):
+    """CSM's repair block (task rows sharded by the trainer, the replay's safety batch sharded by the
+    method, one more all-reduce) gives two gloo processes the adapter and safety losses of one process."""
+    worker = os.path.join(os.path.dirname(__file__), "dp_repair_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for nproc in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               worker, str(tmp_path / f"n{nproc}.pt")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = torch.load(tmp_path / "n1.pt"), torch.load(tmp_path / "n2.pt")
+    assert (one["world"], two["world"]) == (1, 2) and len(one["safe_loss"]) == 3
+    for a, b in zip(one["safe_loss"], two["safe_loss"]):
+        assert abs(a - b) <= 1e-5 * abs(a) + 1e-6, (one["safe_loss"], two["safe_loss"])
+    moved = max(float((v - one["start"][k]).abs().max()) for k, v in one["lora"].items())
+    assert moved > 1e-3  # the block did move the adapter, A and B (else equality would prove nothing)
+    assert all(float((v - one["start"][k]).abs().max()) > 0 for k, v in one["lora"].items())
+    for k, v in one["lora"].items():
+        torch.testing.assert_close(two["lora"][k], v, rtol=1e-4, atol=1e-6, msg=k)

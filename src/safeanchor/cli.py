@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
             cfg = _config(args, extra)  # every config is checked before any work starts
             run_dir = out if len(methods) * len(seeds) == 1 else out / f"{cfg.method}-seed{cfg.seed}"
             plan.append((cfg, run_dir))
-    from .distributed import init, launched_world_size
+    from .distributed import close, init, launched_world_size
 
     world = launched_world_size()
     if world > 1 and args.jobs > 1:
@@ -65,13 +65,15 @@ def cmd_run(args) -> int:
             if dist.is_main:
                 print(f"== {cfg.method} seed {cfg.seed} -> {run_dir}", flush=True)
             runs[(cfg.method, cfg.seed)] = run(cfg, run_dir)
-    if not dist.is_main:
-        return 0  # rank 0 writes the comparison and prints
-    if len(runs) > 1:
-        path = compare(out, runs)
-        print(Path(path).read_text())
-    else:
-        print((out / "results.md").read_text())
+            if dist.is_main and len(plan) > 1:  # each run's table as soon as it is done, the comparison last
+                print((run_dir / "results.md").read_text(), flush=True)
+    if dist.is_main:  # rank 0 writes the comparison and prints
+        if len(runs) > 1:
+            path = compare(out, runs)
+            print(Path(path).read_text())
+        else:
+            print((out / "results.md").read_text())
+    close()
     return 0
 
 

@@ -147,6 +147,16 @@ class Dist:
 _CURRENT = Dist()
 
 
+def close() -> None:
+    """Leave the process group together: a barrier (no process exits while another still uses the
+    group), then destroy it. A single process has nothing to do."""
+    global _CURRENT
+    if _CURRENT.active:
+        _CURRENT.barrier()
+        torch.distributed.destroy_process_group()
+        _CURRENT = Dist()
+
+
 def current() -> Dist:
     return _CURRENT
 

@@ -422,9 +422,17 @@ class _Replay(Method):
             with torch.no_grad():
                 self.parent._project_params(ctx, {n: (a.weight.grad, b.weight.grad) for n, (a, b) in modules.items()
                                                   if a.weight.grad is not None})
-        loss = mean_token_nll(ctx.model, ctx.to_device(self.safe.batch(self.i)))
+        batch, weight, dist = ctx.to_device(self.safe.batch(self.i)), 1.0, ctx.dist
         self.i += 1
+        sharded = dist.active and batch["input_ids"].shape[0] >= dist.world  # as the anchor: rows, weight, all-reduce
+        if sharded:
+            batch, weight = dist.shard(batch)
+        loss = mean_token_nll(ctx.model, batch)
         ctx.check_finite(loss, "repair safety loss")
-        ctx.backward(self.parent.options.beta * loss)
-        return {"safe_loss": float(loss.detach())}
+        ctx.backward(self.parent.options.beta * weight * loss)
+        value = float(loss.detach()) * weight
+        if sharded:
+            dist.average_grads(list(ctx.trainable().values()))
+            value = dist.mean(value)
+        return {"safe_loss": value}
 
