@@ -172,3 +172,16 @@ def test_csm_repair_replay_sharded_like_one_process(tmp_path):
     assert all(float((v - one["start"][k]).abs().max()) > 0 for k, v in one["lora"].items())
     for k, v in one["lora"].items():
         torch.testing.assert_close(two["lora"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_shard_extra_shards_only_a_batch_with_a_row_per_process(tiny):
+    _, tok = tiny
+    rng = random.Random(random.randrange(2**31))
+    batch = make_batch(tok, _random_pairs(rng, 3))
+    part, weight, sharded = Dist(1, 2).shard_extra(batch)
+    ref, ref_w = shard_batch(batch, 1, 2)
+    assert sharded and weight == ref_w and all(torch.equal(part[k], ref[k]) for k in ref)
+    one = {k: v[:1] for k, v in batch.items()}  # fewer rows than processes: whole, weight 1
+    whole, w, sharded = Dist(0, 2).shard_extra(one)
+    assert not sharded and w == 1.0 and whole is one
+    assert Dist().shard_extra(batch) == (batch, 1.0, False)  # a single process never shards

@@ -64,6 +64,15 @@ class Dist:
     def shard(self, batch: dict) -> tuple[dict, float]:
         return shard_batch(batch, self.rank, self.world)
 
+    def shard_extra(self, batch: dict) -> tuple[dict, float, bool]:
+        """For a method's own extra batch (anchor, alignment, replay): this process's rows and weight, and
+        True, when the group is active and the batch has a row for every process; else the whole batch,
+        weight 1 and False. After its backward, a sharded batch needs ``average_grads``."""
+        if self.active and batch["input_ids"].shape[0] >= self.world:
+            part, weight = self.shard(batch)
+            return part, weight, True
+        return batch, 1.0, False
+
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()

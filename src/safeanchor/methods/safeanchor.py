@@ -282,10 +282,8 @@ class SafeAnchor(Method):
         fewer rows than processes is computed whole on every process instead.
         """
         batch = self._anchor_batch(ctx)
-        dist, weight = ctx.dist, 1.0
-        sharded = dist.active and batch["input_ids"].shape[0] >= dist.world
-        if sharded:
-            batch, weight = dist.shard(batch)
+        dist = ctx.dist
+        batch, weight, sharded = dist.shard_extra(batch)
         with torch.no_grad(), ctx.model.disable_adapter():
             ref_logits, _ = response_logits(ctx.model, batch)
         logits, _ = response_logits(ctx.model, batch)
@@ -422,11 +420,9 @@ class _Replay(Method):
             with torch.no_grad():
                 self.parent._project_params(ctx, {n: (a.weight.grad, b.weight.grad) for n, (a, b) in modules.items()
                                                   if a.weight.grad is not None})
-        batch, weight, dist = ctx.to_device(self.safe.batch(self.i)), 1.0, ctx.dist
+        dist = ctx.dist
+        batch, weight, sharded = dist.shard_extra(ctx.to_device(self.safe.batch(self.i)))  # as the anchor
         self.i += 1
-        sharded = dist.active and batch["input_ids"].shape[0] >= dist.world  # as the anchor: rows, weight, all-reduce
-        if sharded:
-            batch, weight = dist.shard(batch)
         loss = mean_token_nll(ctx.model, batch)
         ctx.check_finite(loss, "repair safety loss")
         ctx.backward(self.parent.options.beta * weight * loss)

@@ -148,10 +148,8 @@ class SafeGrad(Method):
             p.grad = None
         # data parallel: each process its rows of the alignment batch (shard weight as for the task loss),
         # then one all-reduce; a batch with fewer rows than processes is computed whole everywhere
-        batch, weight, dist = self.align_batch(ctx), 1.0, ctx.dist
-        sharded = dist.active and batch["input_ids"].shape[0] >= dist.world
-        if sharded:
-            batch, weight = dist.shard(batch)
+        dist = ctx.dist
+        batch, weight, sharded = dist.shard_extra(self.align_batch(ctx))
         loss = self.align_backward(ctx, batch, weight)
         if sharded:
             dist.average_grads(list(params.values()))
