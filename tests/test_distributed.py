@@ -185,3 +185,6 @@ def test_shard_extra_shards_only_a_batch_with_a_row_per_process(tiny):
     whole, w, sharded = Dist(0, 2).shard_extra(one)
     assert not sharded and w == 1.0 and whole is one
     assert Dist().shard_extra(batch) == (batch, 1.0, False)  # a single process never shards
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    assert Dist(0, 2).reduce_extra([p], 0.25, False) == 0.25 and torch.equal(p.grad, torch.full((3,), 2.0))

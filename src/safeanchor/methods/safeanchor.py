@@ -281,9 +281,7 @@ class SafeAnchor(Method):
         the same everywhere, so the average adds exactly the whole anchor batch's gradient. A batch with
         fewer rows than processes is computed whole on every process instead.
         """
-        batch = self._anchor_batch(ctx)
-        dist = ctx.dist
-        batch, weight, sharded = dist.shard_extra(batch)
+        batch, weight, sharded = ctx.dist.shard_extra(self._anchor_batch(ctx))
         with torch.no_grad(), ctx.model.disable_adapter():
             ref_logits, _ = response_logits(ctx.model, batch)
         logits, _ = response_logits(ctx.model, batch)
@@ -291,10 +289,7 @@ class SafeAnchor(Method):
         kl = (ref_logp.exp() * (ref_logp - torch.log_softmax(logits, -1))).sum(-1).mean()
         ctx.check_finite(kl, "anchor KL")
         ctx.backward(self.options.gamma * weight * kl)
-        kl_value = float(kl.detach()) * weight
-        if sharded:
-            dist.average_grads(list(ctx.trainable().values()))
-            kl_value = dist.mean(kl_value)
+        kl_value = ctx.dist.reduce_extra(list(ctx.trainable().values()), float(kl.detach()) * weight, sharded)
         if self.options.anchor_projected and self.options.project == "gradient":
             modules = ss.lora_modules(ctx.model)
             with torch.no_grad():
@@ -420,15 +415,11 @@ class _Replay(Method):
             with torch.no_grad():
                 self.parent._project_params(ctx, {n: (a.weight.grad, b.weight.grad) for n, (a, b) in modules.items()
                                                   if a.weight.grad is not None})
-        dist = ctx.dist
-        batch, weight, sharded = dist.shard_extra(ctx.to_device(self.safe.batch(self.i)))  # as the anchor
+        batch, weight, sharded = ctx.dist.shard_extra(ctx.to_device(self.safe.batch(self.i)))  # as the anchor
         self.i += 1
         loss = mean_token_nll(ctx.model, batch)
         ctx.check_finite(loss, "repair safety loss")
         ctx.backward(self.parent.options.beta * weight * loss)
-        value = float(loss.detach()) * weight
-        if sharded:
-            dist.average_grads(list(ctx.trainable().values()))
-            value = dist.mean(value)
-        return {"safe_loss": value}
+        return {"safe_loss": ctx.dist.reduce_extra(list(ctx.trainable().values()), float(loss.detach()) * weight,
+                                                   sharded)}
 

@@ -148,12 +148,8 @@ class SafeGrad(Method):
             p.grad = None
         # data parallel: each process its rows of the alignment batch (shard weight as for the task loss),
         # then one all-reduce; a batch with fewer rows than processes is computed whole everywhere
-        dist = ctx.dist
-        batch, weight, sharded = dist.shard_extra(self.align_batch(ctx))
-        loss = self.align_backward(ctx, batch, weight)
-        if sharded:
-            dist.average_grads(list(params.values()))
-            loss = dist.mean(loss)
+        batch, weight, sharded = ctx.dist.shard_extra(self.align_batch(ctx))
+        loss = ctx.dist.reduce_extra(list(params.values()), self.align_backward(ctx, batch, weight), sharded)
         align = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
         self.step_count += 1
 
