@@ -34,7 +34,8 @@ def worker(args) -> None:
     from safeanchor.methods import get_method
     from safeanchor.models import attach_lora, load_model
     from safeanchor.judges import get_judge
-    from safeanchor.pipeline import _refusal_evaluator, safety_sets, seed_everything
+    from safeanchor.data.splits import safety_sets
+    from safeanchor.pipeline import _refusal_evaluator, seed_everything
     from safeanchor.train import Context, train_steps
 
     torch.set_num_threads(args.threads)

@@ -60,7 +60,7 @@ def main():
         calib = ([{"prompt": p, "response": r} for p, r in CALIB] * (args.calib // len(CALIB) + 1))[: args.calib]
         task = [{"prompt": p, "response": r} for p, r in TASK] * 8
     else:  # the run's real calibration set, so the subspace sizes (and projection cost) are the real ones
-        from safeanchor.pipeline import safety_sets
+        from safeanchor.data.splits import safety_sets
 
         cfg.data.calibration_size = args.calib
         calib = safety_sets(cfg)[0]
@@ -99,7 +99,11 @@ def main():
     task_enc = ctx.encode_all(task)
     stream = BatchStream(task_enc, 8, 0, 1, tok.pad_token_id)
     params = list(ctx.trainable().values())
-    opt, _ = make_optimizer(params, 1e-5, cfg.train, 100)
+    opts = {}
+    for name, method in variants.items():  # one optimizer each: SafeAnchor's projector lives in its step hooks
+        ctx.method = method
+        opts[name] = make_optimizer(params, 1e-5, cfg.train, 100)[0]
+        method.attach_optimizer(ctx, opts[name])
     times = {k: [] for k in variants}
     model.train()
     for rep in range(args.steps + 1):
@@ -107,13 +111,12 @@ def main():
             ctx.method = method
             batch = ctx.to_device(stream.batch(rep))
             t0 = time.perf_counter()
-            before = {n: p.detach().clone() for n, p in ctx.trainable().items()} if method.wants_update else None
-            ctx.optimizer, ctx.step_lr, ctx.clip_coef = opt, opt.param_groups[0]["lr"], 1.0  # as train_steps
-            method.compute_grads(ctx, [batch])
+            method.compute_grads(ctx, [batch])  # as train_steps: grads, rewrite, clip, step (+ hooks), after_step
             method.rewrite_gradients(ctx)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            method.after_step(ctx, before)
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            method.after_step(ctx)
             if rep > 0:  # first round is warm-up
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -12,3 +12,16 @@ def tiny():
 
 def make_batch(tok, pairs, max_length=64):
     return collate([encode(tok, p, r, max_length) for p, r in pairs], tok.pad_token_id)
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 600):
+    """Run a worker script next to this file under torch.distributed.run with ``nproc`` processes (gloo on
+    CPU), one thread each; returns the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(os.path.dirname(__file__), script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

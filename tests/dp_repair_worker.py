@@ -39,11 +39,12 @@ def main(out: str) -> None:
     ctx.domain_examples["tiny"] = task
     ctx.method.prepare(ctx)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    from safeanchor.methods.safeanchor import _Replay
+    import safeanchor.monitor as monitor_mod
+
     logs = []
-    real = _Replay.rewrite_gradients
-    _Replay.rewrite_gradients = lambda self, c: logs.append(real(self, c)) or logs[-1]
-    rec = ctx.method._monitor_and_repair(ctx, 1)
+    real = monitor_mod.repair_block
+    monitor_mod.repair_block = lambda *a, **k: logs.extend(real(*a, **k)) or logs
+    rec = ctx.method.after_domain(ctx, 1, "tiny")["csm"]
     assert rec["triggered"] and rec["blocks"][0]["steps"] == 3, rec
     if dist.is_main:
         torch.save({"lora": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},

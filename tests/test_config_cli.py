@@ -19,6 +19,9 @@ def test_defaults_are_the_papers():
 def test_presets_load():
     assert load_config("smoke").model.name == "tiny-random"
     assert load_config("quickstart").model.name == "embedded:smollm2"
+    from safeanchor.config import list_presets
+
+    assert {"paper-llama2", "paper-mistral", "paper-literal"} <= set(list_presets())
 
 
 def test_unknown_key_names_the_nearest():
@@ -46,6 +49,10 @@ def test_override_dotted():
     (["run", "--preset", "smoke", "--set", "lora.target_modules=[c_attn]"], "LoRA target module(s) ['c_attn']"),
     (["run", "--preset", "smoke", "--set", "data.domains=[astrology]"], "unknown domain"),
     (["run", "--config", "/no/such.yaml"], "does not exist"),
+    (["run", "--preset", "smoke", "--set", "eval.refusal_judge=llamaguard"], "'eval.refusal_judge' is 'llamaguard'"),
+    (["run", "--preset", "smoke", "--set", "eval.harm_judge=keyword"], "'eval.harm_judge' is 'keyword', a refusal"),
+    (["run", "--preset", "smoke", "--set", "data.monitor_source=harmbench-val:standard"], "contextual or copyright"),
+    (["run", "--preset", "smoke", "--dry-run", "--set", "eval.monitor_judge=gpt4"], "unknown judge 'gpt4'"),
     (["run", "--preset", "quickstart", "--method", "standard", "--set", "model.name=tiny-random"],
      "smollm2-align was trained on embedded:smollm2"),
 ])

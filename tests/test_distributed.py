@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_batch
+from conftest import make_batch, torchrun
 from safeanchor.data.chat import mean_token_nll
 from safeanchor.distributed import Dist, shard_batch
 from safeanchor.errors import SafeAnchorError
@@ -156,12 +156,8 @@ def test_two_processes_killed_mid_domain_resume_exactly(tmp_path):
 def test_csm_repair_replay_sharded_like_one_process(tmp_path):
     """CSM's repair block (task rows sharded by the trainer, the replay's safety batch sharded by the
     method, one more all-reduce) gives two gloo processes the adapter and safety losses of one process."""
-    worker = os.path.join(os.path.dirname(__file__), "dp_repair_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     for nproc in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               worker, str(tmp_path / f"n{nproc}.pt")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        proc = torchrun("dp_repair_worker.py", nproc, str(tmp_path / f"n{nproc}.pt"))
         assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = torch.load(tmp_path / "n1.pt"), torch.load(tmp_path / "n2.pt")
     assert (one["world"], two["world"]) == (1, 2) and len(one["safe_loss"]) == 3

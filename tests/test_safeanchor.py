@@ -66,20 +66,28 @@ def test_strict_projection_keeps_updates_out_of_the_subspace(tmp_path, project):
 
 
 def test_gradient_projection_matches_dense_formula(tmp_path):
+    """mode=gradient: with plain SGD (lr 1) the step is -(I - s V V^T) g per module, s = 1 - alpha."""
+    from safeanchor.projector import SafetyProjector
+
     ctx, task = _ctx(tmp_path, {"project": "gradient", "gamma": 0.0, "csm": False, "trace_norm": "max"})
     _randomise_b(ctx.model)
     ctx.method.prepare(ctx)
     batch = ctx.to_device(collate(ctx.encode_all(task[:4]), ctx.tokenizer.pad_token_id))
-
-    mean_token_nll(ctx.model, batch).backward()
     modules = ss.lora_modules(ctx.model)
+    params = [w for a, b in modules.values() for w in (a.weight, b.weight)]
+    opt = torch.optim.SGD(params, lr=1.0)
+    proj = SafetyProjector(ctx.model, ctx.method.subspace, {n: 1 - a for n, a in ctx.method.alpha.items()},
+                           mode="gradient").attach(opt)
+    mean_token_nll(ctx.model, batch).backward()
     raw = {n: torch.cat([b.weight.grad.reshape(-1), a.weight.grad.reshape(-1)]).clone() for n, (a, b) in modules.items()}
-    ctx.method.rewrite_gradients(ctx)
-    for n, (a, b) in modules.items():
-        got = torch.cat([b.weight.grad.reshape(-1), a.weight.grad.reshape(-1)])
+    before = _flat(ctx.model)
+    opt.step()
+    after = _flat(ctx.model)
+    for n in modules:
         V = ctx.method.bases[n].basis.double()
         dense = torch.eye(V.shape[0], dtype=torch.float64) - (1 - ctx.method.alpha[n]) * V @ V.T
-        torch.testing.assert_close(got.double(), dense @ raw[n].double(), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close((before[n] - after[n]).double(), dense @ raw[n].double(), rtol=1e-4, atol=1e-7)
+    assert "grad_in_subspace" in proj.logs
     alphas = list(ctx.method.alpha.values())
     assert min(alphas) == pytest.approx(0.5)  # trace_norm max: the top module gets alpha = 1 - lambda
 
@@ -93,32 +101,49 @@ def test_b_zero_start_constrains_b_only(tmp_path):
         assert V[b.weight.numel():].abs().max() == 0  # A-block rows of every basis vector are zero
 
 
+def _anchor_batch(ctx, n=4):
+    return ctx.to_device(collate(ctx.encode_all(ctx.calibration[:n]), ctx.tokenizer.pad_token_id))
+
+
+def _lora_grads(model, loss):
+    weights = [w for a, b in ss.lora_modules(model).values() for w in (a.weight, b.weight)]
+    return torch.autograd.grad(loss, weights)
+
+
 def test_anchor_kl_zero_at_fresh_lora_positive_after_training(tmp_path):
+    from safeanchor.anchor import anchor_kl
+
     ctx, task = _ctx(tmp_path, {"project": "none", "csm": False, "gamma": 0.1})
     ctx.model.eval()
-    kl0 = ctx.method._anchor_backward(ctx)
-    assert abs(kl0) < 1e-9  # B = 0: the adapter is the identity, so both distributions are equal
-    ctx.model.zero_grad()
+    kl0 = anchor_kl(ctx.model, _anchor_batch(ctx))
+    assert abs(float(kl0)) < 1e-9  # B = 0: the adapter is the identity, so both distributions are equal
+    assert all(float(g.abs().max()) == 0.0 for g in _lora_grads(ctx.model, kl0))  # closed form: exactly zero
     train_steps(ctx, task, 4, stream=1, method=get_method("standard"))
     ctx.model.eval()
-    assert ctx.method._anchor_backward(ctx) > 1e-6
-    # the anchor's gradient reaches the LoRA parameters (the reference is the adapter-disabled model)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in ctx.model.named_parameters() if "lora_" in n)
+    kl = anchor_kl(ctx.model, _anchor_batch(ctx))
+    assert float(kl) > 1e-6
+    assert any(float(g.abs().sum()) > 0 for g in _lora_grads(ctx.model, kl))
 
 
 def test_anchor_kl_matches_a_second_model_copy(tmp_path):
+    """Value and gradient against the obvious, costly way: a separate copy of the aligned weights and
+    autograd through log_softmax."""
+    from safeanchor.anchor import anchor_kl
+    from safeanchor.data.chat import response_logits
+
     ctx, task = _ctx(tmp_path, {"project": "none", "csm": False})
     train_steps(ctx, task, 2, stream=1, method=get_method("standard"))
     ctx.model.eval()
-    reference = tiny_model(0)  # the same aligned weights as a separate model (the obvious, costly way)
-    batch = ctx.method._anchor_batch(ctx)
-    from safeanchor.data.chat import response_logits
-
+    reference = tiny_model(0)  # the same aligned weights as a separate model
+    batch = _anchor_batch(ctx)
     with torch.no_grad():
         p0 = torch.log_softmax(response_logits(reference, batch)[0], -1)
-        pt = torch.log_softmax(response_logits(ctx.model, batch)[0], -1)
-    expected = float((p0.exp() * (p0 - pt)).sum(-1).mean())
-    assert ctx.method._anchor_backward(ctx) == pytest.approx(expected, rel=1e-4)
+    pt = torch.log_softmax(response_logits(ctx.model, batch)[0], -1)
+    expected = (p0.exp() * (p0 - pt)).sum(-1).mean()
+    got = anchor_kl(ctx.model, batch)
+    assert float(got) == pytest.approx(float(expected), rel=1e-4)
+    for g, e in zip(_lora_grads(ctx.model, got), _lora_grads(ctx.model, expected)):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-8)
 
 
 @pytest.mark.parametrize("rates, blocks, triggered", [
@@ -155,7 +180,6 @@ def test_csm_repair_stops_once_restored(tmp_path, rates, steps, s_after, n_check
 def test_csm_repair_data_holds_aligned_answers_to_lookalikes(tmp_path):
     from safeanchor.data.safety import benign_borderline
     from safeanchor.generation import generate
-    from safeanchor.methods.safeanchor import _Replay
 
     ctx, _ = _ctx(tmp_path, {"repair_lookalikes": 6, "gamma": 0.0})
     rec = ctx.method.prepare(ctx)
@@ -168,8 +192,20 @@ def test_csm_repair_data_holds_aligned_answers_to_lookalikes(tmp_path):
     with ctx.model.disable_adapter():
         again = generate(ctx.model, ctx.tokenizer, [x["prompt"] for x in looks], 48, 8, progress=False)
     assert again == [x["response"] for x in looks]
-    replay = _Replay(ctx.method, ctx)
-    assert len(replay.safe.encoded) == len(ctx.calibration) + len(looks)
+    seen = {}
+
+    def capture(monitor, model, tok, task, safety, *args, **kwargs):
+        seen["safety"] = safety
+        return {"triggered": False}
+
+    import safeanchor.methods.safeanchor as sa_mod
+
+    original, sa_mod.monitor_and_repair = sa_mod.monitor_and_repair, capture
+    try:
+        ctx.method.after_domain(ctx, 1, "tiny")
+    finally:
+        sa_mod.monitor_and_repair = original
+    assert seen["safety"] == ctx.calibration + looks  # refusals and the aligned base's look-alike answers
     fresh = get_method("safeanchor", {})
     fresh.load_state_dict(ctx.method.state_dict(), ctx)
     assert fresh.lookalikes == looks
@@ -190,31 +226,45 @@ def _vec(a, b):
     return torch.cat([b.reshape(-1), a.reshape(-1)])
 
 
-@pytest.mark.parametrize("anchor_projected", [False, True])
-def test_update_projection_with_anchor_matches_hand_written_adamw(tmp_path, anchor_projected):
-    """project=update with the anchor: a hand-written AdamW over 4 steps with fresh random task and anchor
-    gradients (clipping active on some steps). Bypass: theta += P(u - u_a) + u_a, u_a = -lr/bc1 * m_a / denom
-    with m_a the EMA of the clipped anchor gradients; anchor_projected: theta += P(u)."""
+class _FakeTerm:
+    """A safety term whose gradients are given (fresh random ones each step)."""
+
+    name = "anchor_kl"
+
+    def __init__(self):
+        self.grads = None
+
+    def gradients(self, model, weights):
+        return list(self.grads), 0.0
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize("project_terms", [False, True])
+def test_update_projection_with_anchor_matches_hand_written_adamw(tmp_path, project_terms):
+    """Update projection with a safety term, through torch's step hooks, against a hand-written AdamW over
+    4 steps with fresh random task and term gradients; the task gradient is clipped before the step (some
+    steps clip), the term is added inside the step, unclipped. Bypass: theta += P(u - u_a) + u_a with
+    u_a = -lr/bc1 * m_a / denom, m_a the EMA of the term's gradients; project_terms: theta += P(u)."""
+    from safeanchor.projector import SafetyProjector
+
     seed = random.randrange(10**6)
-    ctx, _ = _ctx(tmp_path, {"project": "update", "gamma": 1.0, "csm": False, "trace_norm": "max",
-                             "anchor_projected": anchor_projected}, seed=seed % 7)
+    ctx, _ = _ctx(tmp_path, {"csm": False, "trace_norm": "max"}, seed=seed % 7)
     _randomise_b(ctx.model, seed)
-    method = ctx.method
-    method.prepare(ctx)
+    ctx.method.prepare(ctx)
     modules = ss.lora_modules(ctx.model)
     gen = torch.Generator().manual_seed(seed)
-    anchor_g = {}
-
-    def fake_anchor(c):
-        for n, (a, b) in modules.items():
-            a.weight.grad += anchor_g[n][0]
-            b.weight.grad += anchor_g[n][1]
-        return 0.0
-
-    method._anchor_backward = fake_anchor
+    term = _FakeTerm()
     lr, wd, (b1, b2), eps, max_norm = 1e-2, 0.05, (0.9, 0.99), 1e-8, 3.0
-    params = [p for _, (a, b) in modules.items() for p in (a.weight, b.weight)]
+    params = [w for _, (a, b) in modules.items() for w in (a.weight, b.weight)]
     opt = torch.optim.AdamW(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    strengths = {n: 1 - a for n, a in ctx.method.alpha.items()}
+    SafetyProjector(ctx.model, ctx.method.subspace, strengths, mode="update", terms=[term],
+                    project_terms=project_terms).attach(opt)
     theta = {n: _vec(a.weight, b.weight).detach().double().clone() for n, (a, b) in modules.items()}
     m = {n: torch.zeros_like(t) for n, t in theta.items()}
     v = {n: torch.zeros_like(t) for n, t in theta.items()}
@@ -223,39 +273,163 @@ def test_update_projection_with_anchor_matches_hand_written_adamw(tmp_path, anch
     for t in range(1, 5):
         task_g = {n: (torch.randn(a.weight.shape, generator=gen), torch.randn(b.weight.shape, generator=gen))
                   for n, (a, b) in modules.items()}
-        scale = 0.3 * t  # anchor gradients of a changing size
-        anchor_g.update({n: (torch.randn(a.weight.shape, generator=gen) * scale,
-                             torch.randn(b.weight.shape, generator=gen) * scale) for n, (a, b) in modules.items()})
+        scale = 0.3 * t  # term gradients of a changing size
+        anchor_g = {n: (torch.randn(a.weight.shape, generator=gen) * scale,
+                        torch.randn(b.weight.shape, generator=gen) * scale) for n, (a, b) in modules.items()}
+        term.grads = [g for n in modules for g in anchor_g[n]]
         for n, (a, b) in modules.items():
             a.weight.grad, b.weight.grad = task_g[n][0].clone(), task_g[n][1].clone()
-        ctx.optimizer, ctx.step_lr, ctx.clip_coef = opt, lr, 1.0
-        method.rewrite_gradients(ctx)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        ctx.clip_coef = min(1.0, max_norm / (norm + 1e-6))
-        before = {n: p.detach().clone() for n, p in ctx.trainable().items()}
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        method.after_step(ctx, before)
         # the reference, per module in vec([B; A]) coordinates, float64
-        total = torch.cat([_vec(*task_g[n]) + _vec(*anchor_g[n]) for n in theta]).double()
+        total = torch.cat([_vec(*task_g[n]) for n in theta]).double()
         c = min(1.0, max_norm / (float(total.norm()) + 1e-6))
         clipped += c < 1.0
         for n in theta:
-            g = c * (_vec(*task_g[n]) + _vec(*anchor_g[n])).double()
-            ga = c * _vec(*anchor_g[n]).double()
+            ga = _vec(*anchor_g[n]).double()
+            g = c * _vec(*task_g[n]).double() + ga
             m[n] = b1 * m[n] + (1 - b1) * g
             v[n] = b2 * v[n] + (1 - b2) * g * g
             m_a[n] = b1 * m_a[n] + (1 - b1) * ga
             denom = v[n].sqrt() / (1 - b2 ** t) ** 0.5 + eps
             u = -lr * wd * theta[n] - lr / (1 - b1 ** t) * m[n] / denom
-            u_a = -lr / (1 - b1 ** t) * m_a[n] / denom
-            basis = method.bases[n].basis.double()
-            proj = torch.eye(len(u), dtype=torch.float64) - (1 - method.alpha[n]) * basis @ basis.T
-            step = proj @ u if anchor_projected else proj @ (u - u_a) + u_a
+            u_a = (-lr / (1 - b1 ** t) * m_a[n] / denom).clamp(-10 * lr, 10 * lr)  # the projector's share cap
+            basis = ctx.method.bases[n].basis.double()
+            proj = torch.eye(len(u), dtype=torch.float64) - strengths[n] * basis @ basis.T
+            step = proj @ u if project_terms else proj @ (u - u_a) + u_a
             diff_from_all_projected = max(diff_from_all_projected, float((step - proj @ u).abs().max()))
             theta[n] = theta[n] + step
             got = _vec(modules[n][0].weight, modules[n][1].weight).detach().double()
-            assert torch.allclose(got, theta[n], rtol=1e-5, atol=1e-6), (n, t, float((got - theta[n]).abs().max()))
+            assert torch.allclose(got, theta[n], rtol=1e-5, atol=5e-6), (seed, n, t, float((got - theta[n]).abs().max()))
     assert clipped  # the clip factor is part of what is checked
-    if not anchor_projected:
+    if not project_terms:
         assert diff_from_all_projected > 1e-4  # the bypass really changes the update
+
+
+def test_update_projection_with_terms_refuses_an_optimizer_it_cannot_split(tmp_path):
+    from safeanchor.errors import SafeAnchorError
+    from safeanchor.projector import SafetyProjector
+
+    ctx, _ = _ctx(tmp_path, {"csm": False})
+    ctx.method.prepare(ctx)
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    with pytest.raises(SafeAnchorError, match="Adam or AdamW"):
+        SafetyProjector(ctx.model, ctx.method.subspace, mode="update", terms=[_FakeTerm()]).attach(
+            torch.optim.SGD(params, lr=0.1))
+    SafetyProjector(ctx.model, ctx.method.subspace, mode="gradient", terms=[_FakeTerm()]).attach(
+        torch.optim.SGD(params, lr=0.1))  # gradient mode needs no optimizer internals
+
+
+@pytest.mark.parametrize("project_terms", [True, False])
+def test_gradient_mode_projects_the_task_gradient_once(tmp_path, project_terms):
+    """mode=gradient with a safety term, plain SGD (lr 1): the step is -(I - sP)(g + g_a) when the term is
+    projected with the task (once: (I - sP)^2 != I - sP for 0 < s < 1), and -((I - sP) g + g_a) when it
+    bypasses. (Before the parts existed, gradient mode with anchor_projected projected g twice.)"""
+    from safeanchor.projector import SafetyProjector
+
+    seed = random.randrange(10**6)
+    ctx, _ = _ctx(tmp_path, {"csm": False}, seed=seed % 7)
+    _randomise_b(ctx.model, seed)
+    ctx.method.prepare(ctx)
+    modules = ss.lora_modules(ctx.model)
+    gen = torch.Generator().manual_seed(seed)
+    term = _FakeTerm()
+    term.grads = [torch.randn(w.shape, generator=gen) for a, b in modules.values() for w in (a.weight, b.weight)]
+    params = [w for a, b in modules.values() for w in (a.weight, b.weight)]
+    opt = torch.optim.SGD(params, lr=1.0)
+    SafetyProjector(ctx.model, ctx.method.subspace, {n: 0.5 for n in modules}, mode="gradient", terms=[term],
+                    project_terms=project_terms).attach(opt)
+    task = {n: (torch.randn(a.weight.shape, generator=gen), torch.randn(b.weight.shape, generator=gen))
+            for n, (a, b) in modules.items()}
+    for n, (a, b) in modules.items():
+        a.weight.grad, b.weight.grad = task[n][0].clone(), task[n][1].clone()
+    before = _flat(ctx.model)
+    opt.step()
+    after = _flat(ctx.model)
+    for i, (n, (a, b)) in enumerate(modules.items()):
+        V = ctx.method.bases[n].basis.double()
+        P = torch.eye(V.shape[0], dtype=torch.float64) - 0.5 * V @ V.T
+        g, g_a = _vec(*task[n]).double(), _vec(term.grads[2 * i], term.grads[2 * i + 1]).double()
+        expected = P @ (g + g_a) if project_terms else P @ g + g_a
+        torch.testing.assert_close((before[n] - after[n]).double(), expected, rtol=1e-4, atol=1e-6, msg=f"seed {seed}")
+
+
+def test_csm_repair_projects_in_the_methods_mode(tmp_path):
+    """project=update: the repair's task part goes through the update projection too (it was always a
+    gradient projection, which AdamW leaks): with beta = 0 and strict strength, a repair block's whole
+    change is orthogonal to the subspace."""
+    from safeanchor.monitor import RepairSettings, repair_block
+
+    ctx, task = _ctx(tmp_path, {"csm": False, "strict": True})
+    _randomise_b(ctx.model)
+    ctx.method.prepare(ctx)
+    before = _flat(ctx.model)
+    settings = RepairSettings(steps=3, lr=1e-2, beta=0.0, check_every=0, batch_size=4, mode="update")
+    hist = repair_block(ctx.model, ctx.tokenizer, task, ctx.calibration, ctx.method.subspace,
+                        {n: 1.0 for n in ctx.method.bases}, settings, ctx.cfg.train, seed=0)
+    assert len(hist) == 3 and all("update_in_subspace" in h for h in hist)
+    after = _flat(ctx.model)
+    worst = max(float((b.basis.T @ (after[n] - before[n])).norm() / (after[n] - before[n]).norm())
+                for n, b in ctx.method.bases.items() if b.basis.shape[1])
+    assert worst < 1e-4
+
+
+def test_anchor_reference_runs_without_dropout(tmp_path):
+    """p_aligned is a fixed distribution: the reference forward runs in eval mode even while training."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safeanchor.anchor import aligned_logits
+    from safeanchor.data.chat import encode
+
+    cfg = load_config("smoke")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5))
+    model = attach_lora(base, cfg.lora)
+    model.train()
+    tok = tiny_tokenizer()
+    batch = collate([encode(tok, "how to do bad thing?", "I can't help with that.", 64)], tok.pad_token_id)
+    first, second = aligned_logits(model, batch), aligned_logits(model, batch)
+    assert torch.equal(first, second) and model.training
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        from safeanchor.data.chat import response_logits
+
+        torch.testing.assert_close(first, response_logits(model, batch)[0])
+
+
+def test_a_term_that_cancels_the_task_gradient_cannot_throw_the_weights(tmp_path):
+    """Term gradient = -(task gradient) + tiny: AdamW's denominator is near eps, the two shares of the update
+    are huge and opposite. The capped split keeps every step within a few lr (uncapped, the projection of
+    the huge task share moved weights by ~100x lr)."""
+    from safeanchor.projector import SafetyProjector
+
+    ctx, _ = _ctx(tmp_path, {"csm": False, "strict": True})
+    _randomise_b(ctx.model)
+    ctx.method.prepare(ctx)
+    modules = ss.lora_modules(ctx.model)
+    params = [w for a, b in modules.values() for w in (a.weight, b.weight)]
+    gen = torch.Generator().manual_seed(3)
+    task = [torch.randn(w.shape, generator=gen) for w in params]
+    term = _FakeTerm()
+    term.grads = [-g + 1e-7 * torch.randn(g.shape, generator=gen) for g in task]
+    lr = 1e-2
+    steps = {}
+    for cap in (10.0, 0.0):
+        with torch.no_grad():
+            start = [w.detach().clone() for w in params]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        proj = SafetyProjector(ctx.model, ctx.method.subspace, mode="update", terms=[term], share_cap=cap).attach(opt)
+        for w, g in zip(params, task):
+            w.grad = g.clone()
+        opt.step()
+        steps[cap] = max(float((w - s).abs().max()) for w, s in zip(params, start))
+        if cap:
+            assert proj.logs["bypass_capped"] > 0.5
+        proj.detach()
+        with torch.no_grad():
+            for w, s in zip(params, start):
+                w.copy_(s)
+    assert steps[10.0] <= 25 * lr
+    assert steps[0.0] > 100 * lr  # what the cap prevents

@@ -193,13 +193,14 @@ def dense_eigh(G):
     return lam.flip(0).clamp_min(0), u.flip(1), F
 
 
-def hand_k(lam, rho):
-    total = float(lam.sum())
+def hand_k(lam, rho, total=None):
+    total = float(lam.sum()) if total is None else total
     cum = 0.0
     for k, x in enumerate(lam.tolist(), 1):
         cum += x
         if cum >= rho * total:
             return k
+    return len(lam)
 
 
 def projector(v):
@@ -281,7 +282,9 @@ def test_merge_weighted_matches_dense_sum(decay):
              + new.basis.double() @ torch.diag(new.eigenvalues) @ new.basis.double().T)
     lam, u = torch.linalg.eigh(dense)
     lam, u = lam.flip(0), u.flip(1)
-    k = hand_k(lam.clamp_min(0), 0.9)
+    lam = lam.clamp_min(0)
+    lam = lam[lam >= 1e-10 * lam[0]]  # the round-off floor (at most k_old + k_new directions exist)
+    k = hand_k(lam, 0.9, total=decay * old.trace + new.trace)  # rho of the untruncated sum's trace, or all
     assert m.basis.shape == (60, k)
     torch.testing.assert_close(m.eigenvalues, lam[:k], rtol=1e-5, atol=1e-6 * float(lam[0]))
     torch.testing.assert_close(projector(m.basis), projector(u[:, :k]), atol=5e-5, rtol=0)
@@ -293,6 +296,25 @@ def test_merge_weighted_matches_dense_sum(decay):
     assert alone.basis.shape == new.basis.shape
     torch.testing.assert_close(projector(alone.basis), projector(new.basis), atol=1e-5, rtol=0)
     torch.testing.assert_close(alone.eigenvalues, new.eigenvalues, rtol=1e-6, atol=0)
+
+
+def test_repeated_weighted_merges_keep_covering_rho_of_the_summed_fisher():
+    """T domains (or refresh_every) merge again and again: the basis must still cover rho of the trace of
+    the true summed Fisher sum_t F_t, not shrink (cutting at rho of the already-truncated energy went from
+    22 to 8 vectors and 0.90 to 0.57 coverage after 30 merges)."""
+    seed = int(np.random.default_rng().integers(10**6))
+    p, rho = 50, 0.9
+    total = torch.zeros(p, p, dtype=torch.float64)
+    merged = None
+    for t in range(30):
+        G = structured_g(seed=seed + t, n=24, p=p, decay=0.85)
+        total += G.double().T @ G.double() / G.shape[0]
+        fresh = ss.fisher_basis(G, rho)
+        merged = fresh if merged is None else ss.merge_weighted(merged, fresh, rho)
+        V = merged.basis.double()
+        coverage = float(torch.trace(V.T @ total @ V) / torch.trace(total))
+        assert coverage >= rho - 1e-6, (seed, t, coverage, V.shape[1])
+        assert merged.trace == pytest.approx(float(torch.trace(total)), rel=1e-4)
 
 
 def test_merge_residual_contains_old_and_reaches_rho():

@@ -119,3 +119,28 @@ def test_eval_run_gives_every_step_the_same_numbers_as_direct_eval(tmp_path, off
     assert got["mc2"] == want["mc2"] and got["mc1"] == want["mc1"]
     with pytest.raises(SafeAnchorError, match="no results.json"):
         cli.run_eval(args(tmp_path, run=str(tmp_path), tasks="truthfulqa"))
+
+
+def test_eval_run_on_an_unaligned_run_uses_the_runs_model(tmp_path, offline_data):
+    """aligned: false (the paper presets): base_model_dir is null, the adapters sit on config model.name."""
+    from safeanchor.config import LoRAConfig, load_config, to_dict
+    from safeanchor.models import attach_lora, tiny_model
+
+    run_dir = tmp_path / "run"
+    attach_lora(tiny_model(), LoRAConfig(r=2, alpha=4)).save_pretrained(run_dir / "adapters" / "1-tiny-arith")
+    cfg = load_config("smoke", overrides={"aligned": False})
+    (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "versions": {}}))
+    (run_dir / "results.json").write_text(json.dumps({
+        "method": "standard", "model": "tiny-random", "seed": 0, "domains": ["tiny-arith"], "base_model_dir": None,
+        "steps": [{"after": "base", "adapter": None}, {"after": "tiny-arith", "adapter": "adapters/1-tiny-arith"}]}))
+    assert cli.run_base_model(run_dir, json.loads((run_dir / "results.json").read_text())) == "tiny-random"
+    rc = cli.run_eval(args(tmp_path, run=str(run_dir), tasks="truthfulqa", limit=1, out=str(tmp_path / "traj")))
+    assert rc == 0
+    traj = json.loads((tmp_path / "traj" / "trajectory.json").read_text())
+    assert [s["after"] for s in traj["steps"]] == ["base", "tiny-arith"]
+    meta = json.loads((tmp_path / "traj" / "1-tiny-arith" / "metrics.json").read_text())["meta"]
+    assert meta["model"] == "tiny-random" and meta["adapter"].endswith("adapters/1-tiny-arith")
+    (run_dir / "config.json").unlink()  # results.json's model is the fallback
+    assert cli.run_base_model(run_dir, {"model": "tiny-random"}) == "tiny-random"
+    with pytest.raises(SafeAnchorError, match="names no model"):
+        cli.run_base_model(run_dir, {"base_model_dir": None})

@@ -80,6 +80,11 @@ def test_registry():
     assert isinstance(lg, judges.LlamaGuardJudge) and lg.version == 3 and lg.describe()["version"] == 3
     with pytest.raises(SafeAnchorError, match="unknown judge"):
         judges.get_judge("gpt4")
+    assert isinstance(judges.get_judge("harmbench", load=False), judges.HarmBenchClassifierJudge)
+    wr = judges.get_judge("wildguard-refusal:/models/wg", load=False)
+    assert isinstance(wr, judges.WildGuardRefusalJudge) and wr.model_id == "/models/wg" and wr.measures == "refusal"
+    assert all(judges.get_judge(n, load=False).measures == "safe_response"
+               for n in ("llamaguard", "llamaguard2", "llamaguard3", "llamaguard3-1b", "wildguard", "harmbench-cls"))
 
 
 def test_template_read_from_archive(monkeypatch):

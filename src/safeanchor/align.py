@@ -32,6 +32,15 @@ def _key(cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def link_base(link: Path, base_dir: Path) -> None:
+    """``link`` -> the aligned base directory (a symlink, or a copy where links are not allowed)."""
+    if not link.exists():
+        try:
+            link.symlink_to(Path(base_dir).resolve(), target_is_directory=True)
+        except OSError:
+            shutil.copytree(base_dir, link)
+
+
 def aligned_dir(cfg) -> Path:
     name = cfg.model.name.replace("/", "--").replace(":", "-")
     return cache_dir() / "aligned" / f"{name}-{_key(cfg)}"
@@ -59,7 +68,7 @@ def artifact_path(spec: str) -> Path:
 def alignment_data(cfg, model, tok, judge, progress=print) -> tuple[list[dict], dict]:
     from .data.safety import benign_borderline, benign_general, refusal
     from .generation import generate
-    from .pipeline import harmful_split
+    from .data.splits import harmful_split
 
     ac = cfg.align
     rng = random.Random(ac.seed)
@@ -86,7 +95,7 @@ def alignment_data(cfg, model, tok, judge, progress=print) -> tuple[list[dict], 
 def measure(model, tok, judge, cfg) -> dict:
     from .data.safety import benign_borderline, harm_probe
     from .evaluation import judge_prompts
-    from .pipeline import safety_sets
+    from .data.splits import safety_sets
 
     ec = cfg.eval
     _, monitor = safety_sets(cfg)

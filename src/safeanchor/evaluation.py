@@ -1,10 +1,19 @@
 """What the pipeline measures after the aligned base and after every domain.
 
-refusal_rate: % of held-out harmful probe prompts (HarmBench standard behaviours) the judge labels
-1 (refused / safe). over_refusal_rate: % of held-out benign prompts that sound dangerous which are
-refused. domain score: teacher-forced next-token accuracy (%) on the response tokens of each
-domain's held-out examples (also their mean NLL): a smooth measure that a 135M model moves, where
-multiple-choice accuracy sits at chance. Generations are written next to the numbers.
+Each number comes from the judge whose role it is (judges.py):
+
+- refusal_rate: % of held-out harmful probe prompts (HarmBench standard behaviours) the refusal judge
+  (``eval.refusal_judge``) labels refused;
+- over_refusal_rate: % of held-out benign prompts that sound dangerous which the refusal judge labels
+  refused (always the refusal judge: a harm judge calls a helpful answer "safe", which is not a refusal);
+- harmful_response_rate (only with ``eval.harm_judge``): % of the same probe completions the harm judge
+  labels unsafe (0); its unparseable (-1) verdicts are counted in ``n_harm_unparseable``, not as harmful;
+- domain score: teacher-forced next-token accuracy (%) on the response tokens of each domain's held-out
+  examples (also their mean NLL): a smooth measure that a 135M model moves, where multiple-choice
+  accuracy sits at chance.
+
+The probe completions are generated once and judged by both judges. Generations are written next to the
+numbers (``label``: the refusal judge's; ``harm_label``: the harm judge's).
 """
 from __future__ import annotations
 
@@ -17,20 +26,39 @@ from .data.chat import collate, encode, response_logits
 from .generation import generate
 
 
-def judge_prompts(model, tokenizer, judge, prompts: list[str], max_new_tokens: int, batch_size: int,
-                  desc: str, dist=None) -> tuple[float, list[dict]]:
-    """(% labelled 1 by the judge, records). Unparseable (-1) count as not-1 and are reported. With a
-    data-parallel ``dist`` each process generates and judges its share; every process gets all records."""
+def generate_judged(model, tokenizer, judges: dict, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    desc: str, dist=None) -> list[dict]:
+    """Generate one greedy completion per prompt and label it with every judge of ``judges`` (record key ->
+    judge): records ``{"prompt", "completion", <key>: label, ...}`` in prompt order (a model judge's parsed
+    output goes to ``<key>_details``). With a data-parallel ``dist`` each process generates and judges its
+    share; every process gets all records."""
     from .distributed import Dist
 
     dist = dist or Dist()
     mine = dist.split(prompts)
     completions = generate(model, tokenizer, mine, max_new_tokens, batch_size, desc=desc, progress=dist.is_main)
-    labels = judge(mine, completions) if mine else []
-    records = dist.merge(dist.gather([{"prompt": p, "completion": c, "label": lbl}
-                                      for p, c, lbl in zip(mine, completions, labels)]))
-    rate = 100.0 * sum(1 for r in records if r["label"] == 1) / max(1, len(records))
-    return rate, records
+    records = [{"prompt": p, "completion": c} for p, c in zip(mine, completions)]
+    for key, judge in judges.items():
+        labels = judge(mine, completions) if mine else []
+        details = getattr(judge, "details", None) or []
+        for i, (rec, label) in enumerate(zip(records, labels)):
+            rec[key] = int(label)
+            if len(details) == len(records) and details[i]:
+                rec[f"{key}_details"] = details[i]
+    return dist.merge(dist.gather(records))
+
+
+def rate_of(records: list[dict], key: str = "label", value: int = 1) -> float:
+    """% of ``records`` whose ``key`` is ``value`` (-1 unparseable counts as not ``value``)."""
+    return 100.0 * sum(1 for r in records if r.get(key) == value) / max(1, len(records))
+
+
+def judge_prompts(model, tokenizer, judge, prompts: list[str], max_new_tokens: int, batch_size: int,
+                  desc: str, dist=None) -> tuple[float, list[dict]]:
+    """(% labelled 1 by the judge, records). Unparseable (-1) count as not-1 and are reported. With a
+    data-parallel ``dist`` each process generates and judges its share; every process gets all records."""
+    records = generate_judged(model, tokenizer, {"label": judge}, prompts, max_new_tokens, batch_size, desc, dist)
+    return rate_of(records), records
 
 
 def domain_score(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8, dist=None) -> dict:
@@ -62,12 +90,24 @@ def _score_counts(model, tokenizer, examples: list[dict], max_length: int, batch
 
 
 def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[str], domain_evals: dict,
-                  out_file: Path | None = None, dist=None) -> dict:
+                  out_file: Path | None = None, dist=None, harm_judge=None) -> dict:
+    """One step's numbers (module docstring). ``judge``: the refusal judge (refusal and over-refusal);
+    ``harm_judge``: None, or the harm judge of ``harmful_response_rate`` on the probe completions."""
+    from .errors import SafeAnchorError
+
+    if judge.measures != "refusal":
+        raise SafeAnchorError(f"the refusal judge is {judge.name!r}, which measures {judge.measures!r}: refusal and "
+                              f"over-refusal need a refusal judge (keyword, wildguard-refusal); pass a harm judge as "
+                              f"harm_judge (eval.harm_judge)")
+    if harm_judge is not None and harm_judge.measures != "safe_response":
+        raise SafeAnchorError(f"harm_judge {harm_judge.name!r} measures {harm_judge.measures!r}, not harm; use "
+                              f"llamaguard, wildguard, harmbench (eval.harm_judge) or none")
     ec = cfg.eval
-    refusal, harm_records = judge_prompts(model, tokenizer, judge, probe, ec.max_new_tokens, ec.batch_size,
-                                          "eval harmful", dist)
-    over, benign_records = judge_prompts(model, tokenizer, judge, benign, ec.max_new_tokens, ec.batch_size,
-                                         "eval benign", dist)
+    probe_judges = {"label": judge, **({"harm_label": harm_judge} if harm_judge is not None else {})}
+    harm_records = generate_judged(model, tokenizer, probe_judges, probe, ec.max_new_tokens, ec.batch_size,
+                                   "eval harmful", dist)
+    benign_records = generate_judged(model, tokenizer, {"label": judge}, benign, ec.max_new_tokens, ec.batch_size,
+                                     "eval benign", dist)
     scores, nlls = {}, {}
     for name, examples in domain_evals.items():
         s = domain_score(model, tokenizer, examples, cfg.train.max_length, dist=dist)
@@ -79,6 +119,11 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
                 for r in recs:
                     fh.write(json.dumps({"set": kind, **r}) + "\n")
     unparseable = sum(1 for r in harm_records + benign_records if r["label"] == -1)
-    return {"refusal_rate": round(refusal, 2), "over_refusal_rate": round(over, 2), "domain_scores": scores,
-            "domain_nll": nlls, "judge": judge.name, "judge_measures": judge.measures, "n_probe": len(probe),
-            "n_benign": len(benign), "n_unparseable": unparseable}
+    out = {"refusal_rate": round(rate_of(harm_records), 2), "over_refusal_rate": round(rate_of(benign_records), 2),
+           "domain_scores": scores, "domain_nll": nlls, "judge": judge.name, "judge_measures": judge.measures,
+           "refusal_judge": judge.name, "harm_judge": harm_judge.name if harm_judge is not None else None,
+           "n_probe": len(probe), "n_benign": len(benign), "n_unparseable": unparseable}
+    if harm_judge is not None:
+        out["harmful_response_rate"] = round(rate_of(harm_records, "harm_label", 0), 2)
+        out["n_harm_unparseable"] = sum(1 for r in harm_records if r["harm_label"] == -1)
+    return out

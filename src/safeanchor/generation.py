@@ -1,40 +1,106 @@
-"""Batched greedy generation with the shared chat template (left padding, longest-first batches)."""
+"""The library's one generation loop: batched decoding with left padding, greedy or sampled.
+
+Prompts are one of
+- ``str`` with ``chat=True`` (default): a user turn in the shared chat template plus the assistant header
+  (``data.chat.prompt_ids``);
+- ``str`` with ``chat=False``: raw text, tokenised as it stands (``add_special_tokens`` decides BOS);
+  judge classifiers whose own templates carry the special tokens;
+- a list of token ids, used as given (GCG's prompts with an optimised suffix spliced in).
+
+Calls to ``model.generate``: greedy, each holds up to ``batch_size`` prompts, left-padded, taken
+longest-first (little padding) or in the given order (``longest_first=False``). Sampled, each holds one
+prompt (no padding) and up to ``batch_size`` of its ``num_return_sequences`` samples. Sampling draws from
+torch's global RNG (transformers' sampler takes no ``torch.Generator``): ``seed`` seeds it once
+(``torch.manual_seed``, CPU and CUDA) before the first call and the calls run in a fixed order, so the
+seed, the prompts, their order, n and batch_size fix every sample. The model's train/eval mode is restored.
+"""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .data.chat import prompt_ids
 
+def encode_prompts(tokenizer, prompts: Sequence, chat: bool = True, add_special_tokens: bool = False
+                   ) -> list[list[int]]:
+    """Token ids of every prompt (module docstring: chat-template string, raw string or ids)."""
+    out = []
+    for p in prompts:
+        if not isinstance(p, str):
+            out.append([int(t) for t in p])
+        elif chat:
+            out.append(prompt_ids(tokenizer, p))
+        else:
+            out.append(list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]))
+    return out
+
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
-             desc: str = "generate", progress: bool = True) -> list[str]:
-    """Greedy completions, in the order of ``prompts``. Batches are formed by prompt length so that
-    padding is small; the model's train/eval mode is restored afterwards."""
+def generate_samples(model, tokenizer, prompts: Sequence, num_return_sequences: int = 1, *,
+                     max_new_tokens: int = 64, batch_size: int = 16, sample: bool = False,
+                     temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                     chat: bool = True, add_special_tokens: bool = False, longest_first: bool = True,
+                     eos: str = "tokenizer", strip: bool = True, desc: str = "generate",
+                     progress: bool = True) -> list[list[str]]:
+    """``num_return_sequences`` completions of every prompt, in the order of ``prompts``.
+
+    ``sample``: False = greedy (one completion per prompt), True = temperature / nucleus (``top_p``)
+    sampling, ``top_k`` off. ``eos``: "tokenizer" stops at ``tokenizer.eos_token_id``; "model" leaves
+    the stop tokens to the model's generation config (a judge's own, e.g. several ids). Completions are
+    the new tokens decoded without special tokens, stripped when ``strip``.
+    """
+    n = int(num_return_sequences)
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"num_return_sequences ({n}) and batch_size ({batch_size}) must be >= 1")
+    if n > 1 and not sample:
+        raise ValueError("greedy decoding gives one completion per prompt; use sample=True for several")
+    if eos not in ("tokenizer", "model"):
+        raise ValueError(f"eos={eos!r}: use 'tokenizer' or 'model'")
     if not prompts:
         return []
+    encoded = encode_prompts(tokenizer, prompts, chat, add_special_tokens)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i])) if longest_first else list(range(len(encoded)))
+    if sample:
+        calls = [([i], min(batch_size, n - s)) for i in order for s in range(0, n, batch_size)]
+    else:
+        calls = [(order[s:s + batch_size], 1) for s in range(0, len(order), batch_size)]
+    pad = tokenizer.pad_token_id
+    options = dict(max_new_tokens=max_new_tokens, pad_token_id=pad)
+    if eos == "tokenizer":
+        options["eos_token_id"] = tokenizer.eos_token_id
+    if sample:
+        options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
+    else:
+        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out: list[list[str]] = [[] for _ in encoded]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    out: list[str] = [""] * len(prompts)
-    pad = tokenizer.pad_token_id
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            idx = order[start:start + batch_size]
+        if seed is not None:
+            torch.manual_seed(seed)
+        for idx, m in tqdm(calls, desc=desc, disable=not progress, leave=False):
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
                 ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 mask[row, width - len(encoded[i]):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
-            for row, i in enumerate(idx):
-                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+            extra = {"num_return_sequences": m} if sample else {}
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options, **extra)
+            for row in range(gen.shape[0]):  # transformers repeats each input m times in a row
+                text = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+                out[idx[row // m]].append(text.strip() if strip else text)
     finally:
         model.train(was_training)
     return out
+
+
+def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 64, batch_size: int = 16,
+             desc: str = "generate", progress: bool = True, **options) -> list[str]:
+    """One completion per prompt (greedy unless ``sample=True``), in the order of ``prompts``;
+    ``options``: those of ``generate_samples`` (chat, add_special_tokens, longest_first, eos, strip, ...)."""
+    return [c[0] for c in generate_samples(model, tokenizer, prompts, 1, max_new_tokens=max_new_tokens,
+                                           batch_size=batch_size, desc=desc, progress=progress, **options)]

@@ -151,9 +151,33 @@ def load_model(cfg: ModelConfig, path: str | None = None):
             pass
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.to(device)
     model.eval()
     return model, tok
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer (transformers' ``gradient_checkpointing_enable``),
+    non-reentrant: ``torch.autograd.grad`` (per-sample scores) and frozen, grad-free inputs work with it.
+    transformers applies it in train mode only, so eval-mode passes (SSI, per-sample gradients, Fisher)
+    are unchanged. Input embeddings are made to require grad, as PEFT's own preparation does, so that a
+    reentrant setting or a frozen base cannot leave the checkpointed blocks without a graph."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise SafeAnchorError(f"{type(model).__name__} does not support gradient checkpointing; set "
+                              f"model.gradient_checkpointing: false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def gradient_checkpointing_on(model) -> bool:
+    """Whether any module of ``model`` (a PEFT wrapper included) has activation checkpointing enabled."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def check_targets(model, targets: list[str]) -> None:
@@ -176,18 +200,24 @@ def attach_lora(model, cfg: LoRAConfig, adapter_name: str = "default"):
     from peft import get_peft_model
 
     check_targets(model, list(cfg.target_modules))
-    return get_peft_model(model, peft_lora_config(cfg), adapter_name=adapter_name)
+    peft_model = get_peft_model(model, peft_lora_config(cfg), adapter_name=adapter_name)
+    if gradient_checkpointing_on(model):  # model.gradient_checkpointing: keep input grads on
+        model.enable_input_require_grads()
+    from .data.chat import plain_head
+
+    plain_head(peft_model)  # checked now, before any method puts forward hooks on the model
+    return peft_model
 
 
 # -- LoRA adapters as plain functions over a PEFT model ------------------------------------------------
 
 def trained_adapters(model) -> list[str]:
     """Names of the LoRA adapters with trainable factors, in the order the model holds them."""
+    from .subspace import iter_lora_layers
+
     names: list[str] = []
-    for module in model.modules():
-        a = getattr(module, "lora_A", None)
-        if isinstance(a, torch.nn.ModuleDict):
-            names += [n for n, lin in a.items() if n not in names and lin.weight.requires_grad]
+    for _, layer in iter_lora_layers(model):
+        names += [n for n, lin in layer.lora_A.items() if n not in names and lin.weight.requires_grad]
     return names
 
 
@@ -195,26 +225,24 @@ def reset_lora(model, adapters: list[str] | None = None) -> list[str]:
     """Re-initialise ``adapters`` (default: every trained one) with PEFT's own init for their config
     (``init_lora_weights``: A Kaiming-uniform or Gaussian, B = 0). Draws from torch's global RNG in
     model order, so a seeded caller gets the same adapter every time. Returns the names reset."""
+    from .subspace import iter_lora_layers
+
     adapters = trained_adapters(model) if adapters is None else adapters
     with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "reset_lora_parameters"):
-                for name in adapters:
-                    if name in module.lora_A:
-                        module.reset_lora_parameters(name, model.peft_config[name].init_lora_weights)
+        for _, layer in iter_lora_layers(model):
+            for name in adapters:
+                if name in layer.lora_A:
+                    layer.reset_lora_parameters(name, model.peft_config[name].init_lora_weights)
     return adapters
 
 
 def lora_factors(model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """``named_modules()`` name -> (A, B, s) of every Linear LoRA layer holding ``adapter`` (detached;
     the layer's delta is s B A, s = alpha / r)."""
-    out = {}
-    for name, module in model.named_modules():
-        a = getattr(module, "lora_A", None)
-        if isinstance(a, torch.nn.ModuleDict) and adapter in a and isinstance(a[adapter], torch.nn.Linear):
-            out[name] = (a[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
-                         float(module.scaling[adapter]))
-    return out
+    from .subspace import iter_lora_layers
+
+    return {name: (layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(),
+                   float(layer.scaling[adapter])) for name, layer in iter_lora_layers(model, adapter)}
 
 
 def save_lora_sum(model, path, terms: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]],

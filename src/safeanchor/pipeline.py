@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -26,10 +25,10 @@ import numpy as np
 import torch
 
 from . import __version__
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig, to_dict
 from .errors import SafeAnchorError
 from .evaluation import evaluate_step
-from .judges import get_judge
 from .methods import get_method
 from .models import attach_lora, load_model
 from .train import Context, steps_for, train_steps
@@ -62,31 +61,7 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-HELD_OUT_HARMFUL = 100  # harmful prompts kept out of alignment and calibration (monitoring only)
-
-
-def harmful_split() -> tuple[list[dict], list[str]]:
-    """(training pool, held-out monitor prompts) of the harmful prompts; a fixed split (seed 1234)
-    that never contains the HarmBench evaluation probe."""
-    from .data.safety import harmful_prompts
-
-    pool = harmful_prompts()
-    held = np.random.default_rng(1234).permutation(len(pool))[:HELD_OUT_HARMFUL]
-    held_set = set(int(i) for i in held)
-    return [p for i, p in enumerate(pool) if i not in held_set], [pool[int(i)]["prompt"] for i in held]
-
-
-def safety_sets(cfg: RunConfig) -> tuple[list[dict], list[str]]:
-    """(calibration examples D_safe: harmful prompt -> refusal written by us, monitor prompts). The
-    monitor prompts are held out of calibration and of the alignment stage, so in-run monitoring
-    (CSM) is neither done on the evaluation probe nor on data the model was trained on."""
-    from .data.safety import refusal
-
-    train, monitor = harmful_split()
-    train = [train[i] for i in np.random.default_rng(4321).permutation(len(train))]  # mix the sources
-    rng = random.Random(cfg.seed)
-    calib = [{"prompt": r["prompt"], "response": refusal(r["prompt"], rng)} for r in train[: cfg.data.calibration_size]]
-    return calib, monitor[: cfg.eval.monitor_size]
+from .data.splits import repair_set, safety_sets
 
 
 def method_options_for(cfg: RunConfig) -> dict:
@@ -101,56 +76,8 @@ def method_options_for(cfg: RunConfig) -> dict:
     return cfg.method_options.get(cfg.method) or {}
 
 
-def _link_base(run_dir: Path, base_dir: Path) -> None:
-    link = run_dir / "base_model"
-    if not link.exists():
-        try:
-            link.symlink_to(base_dir.resolve(), target_is_directory=True)
-        except OSError:
-            shutil.copytree(base_dir, link)
-
-
-def _lora_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
-def _save_stage(path: Path, ctx: Context) -> None:
-    if ctx.dist.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"lora": _lora_state(ctx.model), "method": ctx.method.state_dict()}, tmp)
-        os.replace(tmp, path)
-    ctx.dist.barrier()
-
-
-def _load_stage(path: Path, ctx: Context) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    ctx.method.load_state_dict(state["method"], ctx)
-    params = {n: p for n, p in ctx.model.named_parameters() if "lora_" in n}
-    if set(params) != set(state["lora"]):
-        raise SafeAnchorError(f"saved state {path} does not match the model (config changed?); use another --out")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state["lora"][n].to(p.device, p.dtype))
-
-
-def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
-    """Run (or resume) the sequential pipeline; returns the results dict also written to results.json.
-
-    Started by ``accelerate launch`` / ``torchrun`` with N processes, every process runs this function:
-    training is data-parallel (distributed.py), evaluation is split over the processes, and rank 0
-    alone writes files and prints.
-    """
-    from .data.domains import get_domain
-    from .data.safety import benign_borderline, harm_probe
-    from .distributed import init
-
-    dist = init()
-    if not dist.is_main:
-        progress = _quiet
-    method = get_method(cfg.method, method_options_for(cfg))
-    domains = [get_domain(d) for d in cfg.data.domains]  # unknown names -> error before any work or file
-    judge = get_judge(cfg.eval.judge)
+def _open_run_dir(cfg: RunConfig, out, dist) -> Path:
+    """The run directory, with config.json written once; a rerun with another config is refused."""
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = to_dict(cfg)
@@ -164,126 +91,178 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
     elif dist.is_main:
         write_json(cfg_path, {"config": resolved, "versions": versions()})
     dist.barrier()
+    return run_dir
 
-    base_dir = None
-    if cfg.aligned:
-        from .align import ensure_aligned
 
-        with dist.main_first():  # rank 0 aligns (or finds the cache); the others then read the cache
-            base_dir = ensure_aligned(cfg, progress=progress)
-        if dist.is_main:
-            _link_base(run_dir, base_dir)
-    seed_everything(cfg.seed, 0)
-    model, tok = load_model(cfg.model, path=str(base_dir) if base_dir else None)
-    model = attach_lora(model, cfg.lora)
-    calib, monitor = safety_sets(cfg)
-    ctx = Context(cfg=cfg, model=model, tokenizer=tok, run_dir=run_dir, method=method, calibration=calib,
-                  monitor_prompts=monitor, evaluator=_refusal_evaluator(judge), base_dir=base_dir, dist=dist)
-    probe = harm_probe(cfg.eval.probe_size)
-    benign = benign_borderline("eval")[: cfg.eval.benign_size]
-    domain_evals = {d.name: d.load("eval", cfg.data.eval_examples_per_domain, seed=0) for d in domains}
+class _Recorder:
+    """results.json and its report, and the measurement after the base and each domain."""
 
-    results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {
-        "method": cfg.method, "model": cfg.model.name, "seed": cfg.seed, "domains": list(cfg.data.domains),
-        "base_model_dir": "base_model" if base_dir else None, "steps": [], "prepare": None,
-        "method_config": to_dict(method.options), "versions": versions()}
+    def __init__(self, cfg: RunConfig, ctx: Context, judge, domains, base_dir, progress):
+        from .data.safety import benign_borderline, harm_probe
 
-    def finish_step(entry: dict) -> None:
-        results["steps"].append(entry)
-        if dist.is_main:
-            write_json(results_path, results)
+        self.cfg, self.ctx, self.judge, self.progress = cfg, ctx, judge, progress
+        self.probe = harm_probe(cfg.eval.probe_size)
+        self.benign = benign_borderline("eval")[: cfg.eval.benign_size]
+        self.domain_evals = {d.name: d.load("eval", cfg.data.eval_examples_per_domain, seed=0) for d in domains}
+        self.path = ctx.run_dir / "results.json"
+        self.results = json.loads(self.path.read_text()) if self.path.exists() else {
+            "method": cfg.method, "model": cfg.model.name, "seed": cfg.seed, "domains": list(cfg.data.domains),
+            "base_model_dir": "base_model" if base_dir else None, "steps": [], "prepare": None,
+            "method_config": to_dict(ctx.method.options), "versions": versions()}
+
+    def write(self) -> None:
+        if self.ctx.dist.is_main:
+            write_json(self.path, self.results)
+
+    def finish_step(self, entry: dict) -> None:
+        self.results["steps"].append(entry)
+        if self.ctx.dist.is_main:
             from .report import write_report
 
-            write_report(run_dir, results)
-        dist.barrier()
-        progress(f"[{cfg.method}] after {entry['after']}: refusal {entry['refusal_rate']:.1f}%  "
-                 f"over-refusal {entry['over_refusal_rate']:.1f}%  domain scores {entry['domain_scores']}")
+            self.write()
+            write_report(self.ctx.run_dir, self.results)
+        self.ctx.dist.barrier()
+        self.progress(f"[{self.cfg.method}] after {entry['after']}: refusal {entry['refusal_rate']:.1f}%  "
+                      f"over-refusal {entry['over_refusal_rate']:.1f}%  domain scores {entry['domain_scores']}")
 
-    def measure(k: int, after: str) -> dict:
-        out = evaluate_step(ctx.model, tok, judge, cfg, probe, benign, domain_evals,
-                            run_dir / "generations" / f"{k}-{after}.jsonl", dist=dist)
-        if cfg.eval.tasks and dist.is_main:  # the evaluation suite runs on rank 0 alone (it writes the results)
+    def measure(self, k: int, after: str) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        t0 = time.time()
+        judges = self.judge  # a judges.JudgeSet (refusal / harm / monitor), or one refusal judge
+        out = evaluate_step(ctx.model, ctx.tokenizer, getattr(judges, "refusal", judges), cfg, self.probe, self.benign,
+                            self.domain_evals, ctx.run_dir / "generations" / f"{k}-{after}.jsonl", dist=ctx.dist,
+                            harm_judge=getattr(judges, "harm", None))
+        if hasattr(judges, "monitor"):
+            out["monitor_judge"], out["monitor_measures"] = judges.monitor.name, judges.monitor.measures
+        if cfg.eval.tasks and ctx.dist.is_main:  # the evaluation suite runs on rank 0 alone (it writes the results)
             from .suite import evaluate as run_suite
 
-            report = run_suite(ctx.model, tok, list(cfg.eval.tasks), run_dir / "suite" / f"{k}-{after}", judge=judge,
-                               limit=cfg.eval.task_limit or None, seed=cfg.seed)
+            report = run_suite(ctx.model, ctx.tokenizer, list(cfg.eval.tasks), ctx.run_dir / "suite" / f"{k}-{after}",
+                               judge=getattr(judges, "suite", judges), limit=cfg.eval.task_limit or None,
+                               seed=cfg.seed)
             out["suite"] = {name: {m: v for m, v in res.items() if isinstance(v, (int, float, str))}
                             for name, res in report["tasks"].items()}
             if "composite_safety" in report:
                 out["composite_safety"] = report["composite_safety"]
+        out["eval_seconds"] = round(time.time() - t0, 1)
         return out
 
-    if not results["steps"]:
-        t0 = time.time()
-        with ctx.model.disable_adapter():
-            entry = {"after": "base", **measure(0, "base"), "adapter": None}
-        entry["eval_seconds"] = round(time.time() - t0, 1)
-        finish_step(entry)
 
-    stage0 = run_dir / "state" / "stage0.pt"
-    if results["prepare"] is None:
+def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
+    """Run (or resume) the sequential pipeline; returns the results dict also written to results.json.
+
+    Every check that needs no model (method options, domains, judge, safety data) runs before any work.
+    Started by ``accelerate launch`` / ``torchrun`` with N processes, every process runs this function:
+    training is data-parallel (distributed.py), evaluation is split over the processes, and rank 0
+    alone writes files and prints.
+    """
+    from .config import check_fields
+    from .data.domains import get_domain
+    from .distributed import init
+
+    check_fields(cfg)  # a RunConfig built in Python gets the checks a YAML file gets
+    dist = init()
+    if not dist.is_main:
+        progress = _quiet
+    method = get_method(cfg.method, method_options_for(cfg))
+    domains = [get_domain(d) for d in cfg.data.domains]  # unknown names -> error before any work or file
+    from .judges import build_judges
+
+    judge = build_judges(cfg.eval)  # refusal / harm / monitor judges, each checked for its role and loaded now
+    calib, monitor = safety_sets(cfg)  # a bad user file is reported before alignment or model loading
+    repair = repair_set(cfg, calib)
+    run_dir = _open_run_dir(cfg, out, dist)
+
+    base_dir = None
+    if cfg.aligned:
+        from .align import ensure_aligned, link_base
+
+        with dist.main_first():  # rank 0 aligns (or finds the cache); the others then read the cache
+            base_dir = ensure_aligned(cfg, progress=progress)
+        if dist.is_main:
+            link_base(run_dir / "base_model", base_dir)
+    seed_everything(cfg.seed, 0)
+    model, tok = load_model(cfg.model, path=str(base_dir) if base_dir else None)
+    model = attach_lora(model, cfg.lora)
+    ctx = Context(cfg=cfg, model=model, tokenizer=tok, run_dir=run_dir, method=method, calibration=calib,
+                  repair_examples=repair, monitor_prompts=monitor, evaluator=_refusal_evaluator(judge),
+                  base_dir=base_dir, dist=dist)
+    rec = _Recorder(cfg, ctx, judge, domains, base_dir, progress)
+
+    if not rec.results["steps"]:
+        with ctx.model.disable_adapter():
+            rec.finish_step({"after": "base", **rec.measure(0, "base"), "adapter": None})
+    if rec.results["prepare"] is None:
         seed_everything(cfg.seed, 1)
         t0 = time.time()
-        rec = method.prepare(ctx)
-        _save_stage(stage0, ctx)
-        results["prepare"] = {**rec, "seconds": round(time.time() - t0, 1)}
-        if dist.is_main:
-            write_json(results_path, results)
+        prepared = method.prepare(ctx)
+        save_checkpoint(run_dir / "state" / "stage0.pt", ctx)
+        rec.results["prepare"] = {**prepared, "seconds": round(time.time() - t0, 1)}
+        rec.write()
     restored = False
     for t, domain in enumerate(domains, start=1):
-        if len(results["steps"]) > t:
+        if len(rec.results["steps"]) > t:
             continue
         if not restored:
-            _load_stage(run_dir / "state" / f"stage{t - 1}.pt", ctx)
+            load_checkpoint(run_dir / "state" / f"stage{t - 1}.pt", ctx)
             restored = True
-        seed_everything(cfg.seed, 100 + t)
-        ctx.current_domain = domain.name
-        examples = domain.load("train", cfg.data.examples_per_domain, seed=cfg.seed)
-        examples = method.domain_data(ctx, t, domain.name, examples)
-        ctx.domain_examples[domain.name] = examples
-        method.before_domain(ctx, t, domain.name)
-        if cfg.train.reinit_adapter_per_domain:
-            with torch.random.fork_rng():  # the fresh adapter depends on (seed, t) only; training's RNG is untouched
-                torch.manual_seed(derived_seed(cfg.seed, 150 + t))
-                method.reset_adapters(ctx)
-        steps = steps_for(cfg, len(examples))
-        ckpt = run_dir / "checkpoints" / f"domain{t}.pt"
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        history = train_steps(ctx, examples, steps, stream=t, ckpt=ckpt, desc=f"{cfg.method} {domain.name}")
-        train_seconds = time.time() - t0
-        seed_everything(cfg.seed, 200 + t)
-        t0 = time.time()
-        rec = method.after_domain(ctx, t, domain.name)
-        after_seconds = time.time() - t0
-        adapter_rel = f"adapters/{t}-{domain.name}"
+        rec.finish_step(_domain_stage(ctx, rec, t, domain))
         if dist.is_main:
-            method.save_adapter(ctx, run_dir / adapter_rel)
-        _save_stage(run_dir / "state" / f"stage{t}.pt", ctx)
-        t0 = time.time()
-        entry = {"after": domain.name, **measure(t, domain.name), "adapter": adapter_rel,
-                 "train": {"steps": steps, "examples": len(examples), "first_loss": history[0]["loss"],
-                           "final_loss": history[-1]["loss"], "seconds": round(train_seconds, 1),
-                           "method_seconds": round(after_seconds, 1), "logs": _summarise(history)},
-                 "method": rec}
-        entry["eval_seconds"] = round(time.time() - t0, 1)
-        finish_step(entry)
-        if dist.is_main:
-            ckpt.unlink(missing_ok=True)
-    return results
+            (run_dir / "checkpoints" / f"domain{t}.pt").unlink(missing_ok=True)
+    return rec.results
+
+
+def _domain_stage(ctx: Context, rec: _Recorder, t: int, domain) -> dict:
+    """Domain t: its data, the method's hooks around training, the stage's files; returns its results entry."""
+    cfg, method = ctx.cfg, ctx.method
+    seed_everything(cfg.seed, 100 + t)
+    ctx.current_domain = domain.name
+    examples = domain.load("train", cfg.data.examples_per_domain, seed=cfg.seed)
+    examples = method.domain_data(ctx, t, domain.name, examples)
+    ctx.domain_examples[domain.name] = examples
+    method.before_domain(ctx, t, domain.name)
+    if cfg.train.reinit_adapter_per_domain:
+        with torch.random.fork_rng():  # the fresh adapter depends on (seed, t) only; training's RNG is untouched
+            torch.manual_seed(derived_seed(cfg.seed, 150 + t))
+            method.reset_adapters(ctx)
+    steps = steps_for(cfg, len(examples))
+    ckpt = ctx.run_dir / "checkpoints" / f"domain{t}.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    history = train_steps(ctx, examples, steps, stream=t, ckpt=ckpt, desc=f"{cfg.method} {domain.name}")
+    train_seconds = time.time() - t0
+    seed_everything(cfg.seed, 200 + t)
+    t0 = time.time()
+    method_rec = method.after_domain(ctx, t, domain.name)
+    after_seconds = time.time() - t0
+    adapter_rel = f"adapters/{t}-{domain.name}"
+    if ctx.dist.is_main:
+        method.save_adapter(ctx, ctx.run_dir / adapter_rel)
+    save_checkpoint(ctx.run_dir / "state" / f"stage{t}.pt", ctx)
+    return {"after": domain.name, **rec.measure(t, domain.name), "adapter": adapter_rel,
+            "train": {"steps": steps, "examples": len(examples), "first_loss": history[0]["loss"],
+                      "final_loss": history[-1]["loss"], "seconds": round(train_seconds, 1),
+                      "method_seconds": round(after_seconds, 1), "logs": _summarise(history)},
+            "method": method_rec}
 
 
 def _refusal_evaluator(judge):
-    """ctx.evaluator: % of ``prompts`` the judge labels refused, generated like the evaluation."""
+    """ctx.evaluator: s_t (%) of ``prompts`` by CSM's monitor judge (``eval.monitor_judge``; ``judge`` is a
+    judges.JudgeSet, or one judge), generated like the evaluation. With a refusal judge s_t is the % refused,
+    with a harm judge (label 1 = safe) the % of safe responses: ``evaluate.measures`` says which
+    ("refusal" / "safe_response") and ``evaluate.judge`` names the judge."""
     from .evaluation import judge_prompts
+
+    monitor = getattr(judge, "monitor", judge)
 
     def evaluate(ctx, prompts: list[str]) -> float:
         ec = ctx.cfg.eval
-        rate, _ = judge_prompts(ctx.model, ctx.tokenizer, judge, prompts, ec.max_new_tokens, ec.batch_size, "monitor",
+        rate, _ = judge_prompts(ctx.model, ctx.tokenizer, monitor, prompts, ec.max_new_tokens, ec.batch_size, "monitor",
                                 ctx.dist)
         return round(rate, 2)
 
+    evaluate.measures = monitor.measures
+    evaluate.judge = monitor.name
     return evaluate
 
 

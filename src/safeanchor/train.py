@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data.chat import collate, encode
 from .distributed import Dist
 from .errors import SafeAnchorError
@@ -26,16 +27,12 @@ class Context:
     method: object = None
     base_dir: Path | None = None  # the aligned base (HF directory) the adapters sit on; None = cfg.model.name
     calibration: list = field(default_factory=list)  # safety examples {"prompt", "response"} (D_safe)
+    repair_examples: list | None = None  # CSM repair's safety data (data.repair_source); None = calibration
     monitor_prompts: list = field(default_factory=list)  # harmful prompts for in-run monitoring (CSM)
     domain_examples: dict = field(default_factory=dict)  # domain -> training examples (after domain_data)
     evaluator: object = None  # callable(ctx, prompts) -> refusal rate, set by the pipeline
     current_domain: str | None = None
     log: list = field(default_factory=list)
-    # set by train_steps for the step in progress: the AdamW optimizer, the learning rate this step uses,
-    # and the factor gradient clipping scaled the gradients by (1.0 = not clipped)
-    optimizer: object = None
-    step_lr: float = 0.0
-    clip_coef: float = 1.0
     # this process's place in a data-parallel group (distributed.py); the default is a single process
     dist: Dist = field(default_factory=Dist)
 
@@ -102,25 +99,12 @@ def make_optimizer(params, lr, tc, total_steps):
 
 def _save_ckpt(path: Path, ctx: Context, opt, sched, step: int, history: list) -> None:
     rngs = ctx.dist.gather([torch.get_rng_state()])  # each process's own RNG (dropout masks differ per shard)
-    if ctx.dist.is_main:
-        tmp = path.with_suffix(".tmp")
-        torch.save({"step": step, "params": {n: p.detach().cpu().clone() for n, p in ctx.trainable().items()},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rank_rng": [r[0] for r in rngs], "method": ctx.method.state_dict(),
-                    "history": history}, tmp)
-        os.replace(tmp, path)
-    ctx.dist.barrier()
+    save_checkpoint(path, ctx, step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                    rank_rng=[r[0] for r in rngs], history=history)
 
 
 def _load_ckpt(path: Path, ctx: Context, opt, sched) -> tuple[int, list]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    params = ctx.trainable()
-    if set(state["params"]) != set(params):
-        raise SafeAnchorError(f"checkpoint {path} does not match this run's trainable parameters (config changed?); "
-                              f"delete the run directory or use another --out")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state["params"][n].to(p.device, p.dtype))
+    state = load_checkpoint(path, ctx)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     rank_rng = state.get("rank_rng") or [state["torch_rng"]]  # torch_rng: checkpoints from before data parallelism
@@ -128,7 +112,6 @@ def _load_ckpt(path: Path, ctx: Context, opt, sched) -> tuple[int, list]:
         raise SafeAnchorError(f"checkpoint {path} was written by {len(rank_rng)} process(es), this run has "
                               f"{ctx.dist.world}; resume with the same number of processes")
     torch.set_rng_state(rank_rng[ctx.dist.rank])
-    ctx.method.load_state_dict(state["method"], ctx)
     return state["step"], state["history"]
 
 
@@ -137,7 +120,8 @@ def train_steps(ctx: Context, examples: list[dict], steps: int, stream: int, ckp
     """Run ``steps`` optimizer steps of ``method`` (default: the run's method) on ``examples``.
 
     One step: gradients of grad_accum micro-batches -> method.rewrite_gradients -> clip -> AdamW
-    -> method.after_step. A checkpoint every ``train.checkpoint_every`` steps makes a kill cost at
+    (with whatever the method attached to it in ``attach_optimizer``: SafeAnchor's projector and
+    anchor run in its step hooks, as they do under transformers' Trainer) -> method.after_step. A checkpoint every ``train.checkpoint_every`` steps makes a kill cost at
     most that many steps, and a resumed run reproduces the uninterrupted one exactly. ``stop(k)``,
     if given, is asked after step k (1-based) and ends training early when it returns True.
     """
@@ -150,12 +134,12 @@ def train_steps(ctx: Context, examples: list[dict], steps: int, stream: int, ckp
     start, history = 0, []
     if ckpt is not None and ckpt.exists():
         start, history = _load_ckpt(ckpt, ctx, opt, sched)
+    method.attach_optimizer(ctx, opt)
     ctx.model.train()
     crash_at = os.environ.get("SAFEANCHOR_TEST_CRASH_AT")  # "stream:step": simulate a kill (tests only)
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False, disable=not ctx.dist.is_main)
     for step in bar:
         micro = [ctx.to_device(stream_.batch(step * tc.grad_accum + k)) for k in range(tc.grad_accum)]
-        ctx.optimizer, ctx.step_lr, ctx.clip_coef = opt, opt.param_groups[0]["lr"], 1.0
         logs = method.compute_grads(ctx, micro)
         if ctx.dist.active:  # one all-reduce: every process now holds the whole batch's gradient
             ctx.dist.average_grads(params)
@@ -164,12 +148,10 @@ def train_steps(ctx: Context, examples: list[dict], steps: int, stream: int, ckp
         if tc.max_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
             logs["grad_norm"] = norm
-            ctx.clip_coef = min(1.0, tc.max_grad_norm / (norm + 1e-6))  # torch's own clip factor
-        before = {n: p.detach().clone() for n, p in ctx.trainable().items()} if method.wants_update else None
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        logs.update(method.after_step(ctx, before))
+        logs.update(method.after_step(ctx))
         logs["step"] = step + 1
         history.append(logs)
         bar.set_postfix(loss=f"{logs['loss']:.3f}")

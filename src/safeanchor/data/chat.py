@@ -57,17 +57,51 @@ def hidden_states(model, batch: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
+def plain_head(model) -> bool:
+    """Whether the model's logits are exactly its output embedding applied to the decoder's last hidden
+    state. Checked once per model on a 4-token input against the model's own forward (cached on it):
+    False for heads that transform the logits (Gemma-2/3 soft-capping, Cohere's ``logit_scale``,
+    Granite's ``logits_scaling`` and others), which then go through the model's own forward."""
+    lm = causal_lm(model)
+    cached = getattr(lm, "_safeanchor_plain_head", None)
+    if cached is None:
+        device = next(lm.parameters()).device
+        ids = torch.arange(1, 5, device=device).unsqueeze(0) % lm.config.vocab_size
+        mask = torch.ones_like(ids)
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                fast = lm.get_output_embeddings()(hidden_states(model, {"input_ids": ids, "attention_mask": mask}))
+                own = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            cached = bool(torch.allclose(fast.float(), own.float(), rtol=1e-4, atol=1e-5))
+        finally:
+            model.train(was)
+        lm._safeanchor_plain_head = cached
+    return cached
+
+
 def response_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32) at the positions that predict a response token, and those target ids.
 
     Only those positions go through the LM head: on a small model with a large vocabulary the head
-    over every position is most of a step's cost (measured in benchmarks/).
+    over every position is most of a step's cost (measured in benchmarks/). A model whose head
+    transforms its logits (``plain_head`` is False) runs its own forward with ``logits_to_keep`` set to
+    the positions any row needs, so its own transform applies.
     """
-    hidden = hidden_states(model, batch)
     targets = batch["labels"][:, 1:]
     sel = targets != IGNORE
-    logits = causal_lm(model).get_output_embeddings()(hidden[:, :-1][sel]).float()
-    return logits, targets[sel]
+    if plain_head(model):
+        hidden = hidden_states(model, batch)
+        logits = causal_lm(model).get_output_embeddings()(hidden[:, :-1][sel]).float()
+        return logits, targets[sel]
+    cols = torch.nonzero(sel.any(0)).squeeze(1)  # positions (of the shifted frame) some row predicts from
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                logits_to_keep=cols)
+    where = torch.full((targets.shape[1],), -1, dtype=torch.long, device=cols.device)
+    where[cols] = torch.arange(len(cols), device=cols.device)
+    rows, pos = torch.nonzero(sel, as_tuple=True)
+    return out.logits[rows, where[pos]].float(), targets[sel]
 
 
 def example_index(batch: dict) -> torch.Tensor:

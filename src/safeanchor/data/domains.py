@@ -3,14 +3,19 @@
 Every domain has a fixed train / eval split of its source (by a hash of the item, or of its group:
 the same privacy-policy excerpt never lands in both), so ``load("train")`` and ``load("eval")`` are
 disjoint whatever ``n`` and ``seed`` are; ``seed`` only picks which ``n`` items of the split.
-Examples are kept short (``MAX_WORDS`` words, ``MAX_CHARS`` characters, prompt and response
-together): the quick start trains on <= ~192 tokens per example; longer items are dropped.
+The offline domains keep short examples only (``MAX_WORDS`` words, ``MAX_CHARS`` characters, prompt and
+response together): the quick start trains on <= ~192 tokens per example; longer items are dropped.
+Hub domains (``hub:<name>``, the paper presets) are not length-filtered: USMLE questions are long, and
+the filter would drop most of MedQA; ``train.max_length`` truncates them instead (``data.chat.encode``
+keeps the response and cuts the prompt from the left). A domain with fewer usable examples than asked
+for says so (a ``DomainSizeWarning`` with the count and why) and uses all it has.
 """
 from __future__ import annotations
 
 import json
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import permutations
@@ -28,6 +33,12 @@ MAX_CHARS = 900
 # (at 900, 17% of the kept ones would be cut). Prose domains fit at MAX_CHARS (>= 99% under 192).
 MAX_CODE_CHARS = 450
 SPLITS = ("train", "eval")
+OFFLINE_SIZE_NOTE = (f"items over {MAX_WORDS} words / {MAX_CHARS} characters are dropped to fit the CPU quick "
+                     f"start's 192 tokens")
+
+
+class DomainSizeWarning(UserWarning):
+    """A domain has fewer usable examples than the run asked for; the run uses all of them."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,16 @@ class Domain:
     written_by_us: bool
     loader: Callable[[str], list[dict]] = field(repr=False)  # split -> every usable example of that split
     license: str = ""
+    size_note: str = OFFLINE_SIZE_NOTE  # why a split can be smaller than its source (said when it is too small)
+
+    @property
+    def on_hub(self) -> bool:
+        """Whether loading needs the Hugging Face hub (its size is unknown offline)."""
+        return self.name.startswith("hub:")
+
+    def available(self, split: str = "train") -> int:
+        """Usable examples of ``split`` (loads the source: offline domains only, unless you have the hub)."""
+        return len(self.loader(split))
 
     def load(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
         """``min(n, available)`` examples ``{"prompt", "response"}`` of the split, picked with ``seed``.
@@ -52,6 +73,10 @@ class Domain:
         if not rows:
             raise SafeAnchorError(f"domain {self.name!r} has no usable {split} examples ({self.source}); "
                                   f"check the source or choose another domain")
+        if n is not None and n > len(rows):
+            warnings.warn(f"domain {self.name!r} has {len(rows):,} usable {split} examples, fewer than the {n:,} asked "
+                          f"for ({'data.examples_per_domain' if split == 'train' else 'data.eval_examples_per_domain'}"
+                          f"): using all {len(rows):,} ({self.size_note})", DomainSizeWarning, stacklevel=2)
         random.Random(f"{self.name}:{split}:{seed}").shuffle(rows)
         return [{"prompt": r["prompt"], "response": r["response"]} for r in rows[:n]]
 
@@ -60,12 +85,13 @@ def _fits(prompt: str, response: str, max_chars: int = MAX_CHARS) -> bool:
     return words(prompt) + words(response) <= MAX_WORDS and len(prompt) + len(response) <= max_chars
 
 
-def _split_rows(items, eval_fraction: float, max_chars: int = MAX_CHARS) -> dict[str, tuple[dict, ...]]:
-    """items: (group key, prompt, response). Drops over-long items and repeated prompts (first kept)."""
+def _split_rows(items, eval_fraction: float, max_chars: int | None = MAX_CHARS) -> dict[str, tuple[dict, ...]]:
+    """items: (group key, prompt, response). Drops repeated prompts (first kept) and, unless ``max_chars``
+    is None (hub domains), over-long items."""
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     seen = set()
     for key, prompt, response in items:
-        if prompt in seen or not _fits(prompt, response, max_chars):
+        if prompt in seen or (max_chars is not None and not _fits(prompt, response, max_chars)):
             continue
         seen.add(prompt)
         out["eval" if in_eval_split(key, eval_fraction) else "train"].append({"prompt": prompt, "response": response})
@@ -298,20 +324,60 @@ def _local_loader(path: Path) -> Callable[[str], list[dict]]:
 # ---------------------------------------------------------------- hub:<name> (only when asked for; needs network)
 HUB = {"medqa": "GBaker/MedQA-USMLE-4-options-hf", "codealpaca": "sahil2801/CodeAlpaca-20k",
        "legalbench/<task>": "nguha/legalbench"}
+# nguha/legalbench is a loading-script repository (legalbench.py), which `datasets` >= 3 no longer runs: its
+# per-task files are read directly with the packaged csv builder (tab-separated), the parquet export second.
+LEGALBENCH_TSV = "hf://datasets/nguha/legalbench/data/{task}/{split}.tsv"
+LEGALBENCH_PARQUET = "hf://datasets/nguha/legalbench@refs%2Fconvert%2Fparquet/{task}/{split}/0000.parquet"
+HUB_SIZE_NOTE = "the hub split's size after removing repeated prompts; no length filter"
 
 
-def _load_hub(dataset_id: str, config: str | None = None) -> dict:
+def _datasets():
     try:
         import datasets
     except ImportError as exc:
         raise SafeAnchorError("hub domains need the datasets package: pip install safeanchor[hub]") from exc
+    return datasets
+
+
+def _hub_error(what: str, exc: Exception) -> SafeAnchorError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return SafeAnchorError(f"could not load {what} from the Hugging Face hub (hub unreachable or dataset id missing: "
+                           f"{first}); offline domains: {', '.join(REGISTRY)}")
+
+
+def _load_hub(dataset_id: str, config: str | None = None) -> dict:
+    datasets = _datasets()
     try:
         return datasets.load_dataset(dataset_id, config) if config else datasets.load_dataset(dataset_id)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated... all the user's to fix
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise SafeAnchorError(
-            f"could not load {dataset_id}{'/' + config if config else ''} from the Hugging Face hub (hub unreachable "
-            f"or dataset id missing: {first}); offline domains: {', '.join(REGISTRY)}") from exc
+        raise _hub_error(f"{dataset_id}{'/' + config if config else ''}", exc) from exc
+
+
+def load_legalbench(task: str) -> dict:
+    """{"train": rows, "test": rows} of one LegalBench task, from its data files (not the loading script)."""
+    datasets = _datasets()
+    errors = []
+    for builder, pattern, kw in (("csv", LEGALBENCH_TSV, {"sep": "\t"}), ("parquet", LEGALBENCH_PARQUET, {})):
+        files = {split: pattern.format(task=task, split=split) for split in ("train", "test")}
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, **kw)
+        except Exception as exc:  # noqa: BLE001 - try the next form, then report both
+            errors.append((str(exc).strip().splitlines() or [type(exc).__name__])[0][:120])
+            continue
+        return {split: list(ds[split]) for split in ("train", "test")}
+    raise SafeAnchorError(f"could not load LegalBench task {task!r} from the Hugging Face hub (nguha/legalbench "
+                          f"data/{task}/{{train,test}}.tsv: {errors[0]}; parquet export: {errors[-1]}); check the task "
+                          f"name and network, or use an offline domain: {', '.join(REGISTRY)}")
+
+
+def legalbench_example(row: dict) -> tuple[str, str] | None:
+    """(prompt, response) of a LegalBench row: its text fields as ``name: value`` lines, the answer as the
+    response (``index`` and the answer itself are not shown)."""
+    answer = row.get("answer")
+    if answer is None or not str(answer).strip():
+        return None
+    fields = [f"{k}: {v}" for k, v in row.items() if k not in ("answer", "index") and isinstance(v, str) and v.strip()]
+    return ("\n".join(fields), str(answer).strip()) if fields else None
 
 
 def _hub_loader(name: str) -> Callable[[str], list[dict]]:
@@ -325,8 +391,7 @@ def _hub_loader(name: str) -> Callable[[str], list[dict]]:
                 for r in ds[hub_split]:
                     options = {k: r[f"ending{i}"] for i, k in enumerate("ABCD")}
                     prompt, response = mc_example(r["sent1"], options, "ABCD"[int(r["label"])])
-                    if _fits(prompt, response):
-                        examples.append({"prompt": prompt, "response": response})
+                    examples.append({"prompt": prompt, "response": response})
                 out[split] = tuple(examples)
             return out
         if name == "codealpaca":
@@ -335,15 +400,11 @@ def _hub_loader(name: str) -> Callable[[str], list[dict]]:
             for r in ds["train"]:
                 prompt = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
                 items.append((prompt, prompt, r["output"]))
-            return _split_rows(items, 0.1)
+            return _split_rows(items, 0.1, max_chars=None)
         task = name.split("/", 1)[1]
-        ds = _load_hub(HUB["legalbench/<task>"], task)
-        items = []
-        for r in ds["test"]:
-            fields = [f"{k}: {v}" for k, v in r.items() if k not in ("answer", "index") and isinstance(v, str)]
-            prompt = "\n".join(fields)
-            items.append((prompt, prompt, str(r["answer"])))
-        return _split_rows(items, 0.2)
+        data = load_legalbench(task)
+        items = [(ex[0], *ex) for r in data["test"] + data["train"] if (ex := legalbench_example(r))]
+        return _split_rows(items, 0.2, max_chars=None)
     return lambda split: rows()[split]
 
 
@@ -352,7 +413,7 @@ def _hub_domain(name: str) -> Domain:
     if key not in HUB:
         raise SafeAnchorError(f"unknown hub domain 'hub:{name}'; known: " + ", ".join(f"hub:{k}" for k in HUB))
     return Domain(f"hub:{name}", f"{HUB[key]} from the Hugging Face hub", HUB[key], False, _hub_loader(name),
-                  "see the dataset card")
+                  "see the dataset card", HUB_SIZE_NOTE)
 
 
 # ---------------------------------------------------------------- registry

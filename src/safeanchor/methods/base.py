@@ -7,11 +7,12 @@ The sequence (pipeline.py) calls, for a run over domains 1..T::
         examples = domain_data(ctx, t, domain, examples)                  (Interleaving)
         before_domain(ctx, t, domain)                                      (O-LoRA: new adapter)
         reset_adapters(ctx)        only with train.reinit_adapter_per_domain (Vaccine: back to vaccinated)
+        attach_optimizer(ctx, optimizer)       each new optimizer (domain, repair block)  (SafeAnchor: step hooks)
         every optimizer step (train.py):
             compute_grads(ctx, micro_batches)  -> loss + penalty(ctx), backward   (Vaccine overrides)
-            rewrite_gradients(ctx)             between backward and step   (OSCA, SafeGrad)
-            optimizer.step()
-            after_step(ctx, before)            sees the parameter update   (update projection)
+            rewrite_gradients(ctx)             between backward and clipping   (SafeGrad)
+            clip, optimizer.step()             (hooks attached above run inside the step)
+            after_step(ctx)                    after the step                  (logs, subspace refresh)
         after_domain(ctx, t, domain) -> records                           (Safe LoRA, CSM, SSI update)
         save_adapter(ctx, path)    the model after domain t as one PEFT adapter   (O-LoRA: stacked rank r t)
 
@@ -20,17 +21,31 @@ A method is a config dataclass (every field with help text and the paper's defau
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, fields
 
 import torch
 
+from ..config import _coerce, _f, check_fields
 from ..data.chat import mean_token_nll
 from ..errors import SafeAnchorError
 
 
+def option(default, help: str, check=None):
+    """A method option field: the paper's ``default``, ``help`` text and an optional ``check``.
+
+    Validation is ``config.check_fields``'s convention: a fixed set of values is a ``Literal[...]``
+    annotation (``from typing import Literal``), a range is ``check=">0"`` / ``"[0,1)"`` / ``"(0,1]"``...,
+    e.g. ``project: Literal["gradient", "update", "none"] = option("update", "...")`` and
+    ``rho: float = option(0.90, "...", check="(0,1]")``."""
+    return _f(default, help, check=check)
+
+
 @dataclass
 class MethodConfig:
-    """Options of a method; subclasses add fields with ``metadata={"help": ...}``."""
+    """Options of a method; subclasses add fields with ``option(default, help, check=...)`` (or
+    ``metadata={"help": ...}``), validated by ``check_fields`` when the method is built."""
 
 
 class Method:
@@ -40,6 +55,8 @@ class Method:
     config_cls = MethodConfig
 
     def __init__(self, options: MethodConfig):
+        if options is not None:  # also when built directly, not by get_method
+            check_fields(options, f"method_options.{self.name}.")
         self.options = options
 
     # -- lifecycle hooks (no-ops by default) --------------------------------------------------------
@@ -89,10 +106,12 @@ class Method:
     def rewrite_gradients(self, ctx) -> dict:
         return {}
 
-    def after_step(self, ctx, before: dict[str, torch.Tensor] | None) -> dict:
-        return {}
+    def attach_optimizer(self, ctx, optimizer) -> None:
+        """Called with every optimizer ``train_steps`` creates (after a resumed checkpoint is loaded): the
+        place to register ``optimizer.register_step_pre_hook`` / ``register_step_post_hook`` work."""
 
-    wants_update = False  # set True to receive parameter values before the step in after_step
+    def after_step(self, ctx) -> dict:
+        return {}
 
     def after_domain(self, ctx, t: int, domain: str) -> dict:
         return {}
@@ -114,17 +133,40 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add ``cls`` to ``METHODS`` under ``cls.name``; a name already taken by another
+    class is refused (re-running the same module, e.g. a reload, replaces its own class)."""
+    old = METHODS.get(cls.name)
+    if old is not None and old is not cls and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise SafeAnchorError(f"method name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is already registered "
+                              f"by {old.__module__}.{old.__qualname__}; give the new class another `name`")
     METHODS[cls.name] = cls
     return cls
 
 
-def method_options(cls: type[Method], options: dict):
-    valid = {f.name for f in fields(cls.config_cls)}
-    unknown = set(options) - valid
+def coerce_options(cls: type[Method], options: dict) -> dict:
+    """``options`` (e.g. YAML / ``--set`` values) converted to the types of ``cls.config_cls``'s defaults."""
+    valid = {f.name: f for f in fields(cls.config_cls)}
+    unknown = set(options) - set(valid)
     if unknown:
-        raise SafeAnchorError(f"unknown option(s) {sorted(unknown)} for method {cls.name!r}; valid: "
-                              f"{sorted(valid) or 'none'} (see `safeanchor methods`)")
-    return cls.config_cls(**options)
+        near = {u: (difflib.get_close_matches(str(u), valid, n=1) or [None])[0] for u in unknown}
+        hint = "; ".join(f"did you mean '{n}' for '{u}'" for u, n in sorted(near.items(), key=str) if n)
+        raise SafeAnchorError(f"unknown option(s) {sorted(unknown)} for method {cls.name!r}"
+                              f"{' (' + hint + ')' if hint else ''}; valid: {sorted(valid) or 'none'} "
+                              f"(see `safeanchor methods`)")
+    out = {}
+    for key, value in options.items():
+        f = valid[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else \
+            (None if f.default is dataclasses.MISSING else f.default)
+        out[key] = _coerce(value, default, f"method_options.{cls.name}.{key}")
+    return out
+
+
+def method_options(cls: type[Method], options: dict):
+    """``cls``'s options dataclass from a mapping, coerced and checked (``config.check_fields``)."""
+    opts = cls.config_cls(**coerce_options(cls, options))
+    check_fields(opts, f"method_options.{cls.name}.")
+    return opts
 
 
 def get_method(name: str, options: dict | None = None) -> Method:

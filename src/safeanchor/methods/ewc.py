@@ -50,7 +50,8 @@ judged; ``fisher_norm: none`` uses raw F with lambda as given.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -58,31 +59,35 @@ import torch
 from .. import subspace as ss
 from ..data.chat import collate
 from ..errors import SafeAnchorError
-from .base import Method, MethodConfig, register
+from .base import Method, MethodConfig, option, register
 
 FISHER_STREAM = 53_000  # seed stream of the Fisher subset of a domain
 
 
-def _h(default, help):
-    return field(default=default, metadata={"help": help})
+def _h(default, help, check=None):
+    return option(default, help, check=check)  # Literal annotations + check=: see config.check_fields
 
 
 @dataclass
 class EWCConfig(MethodConfig):
     lam: float = _h(2e4, "lambda in (lambda/2) sum_j F_j (theta_j - theta*_j)^2; with fisher_norm 'trace' the "
                     "penalty is lambda/2 x the Fisher-weighted mean squared drift (2e4: 1 nat at 0.01 RMS drift; "
-                    "the paper tunes lambda per task)")
-    fisher_data: str = _h("safety", "'safety' (Fisher on the safety calibration set at the aligned model, anchor "
-                          "there, once before domain 1) or 'previous_domain' (CL-EWC as the public SafeAnchor code: "
-                          "Fisher on each finished domain's data, anchor = post-domain weights)")
+                    "the paper tunes lambda per task)", check=">=0")
+    fisher_data: Literal["safety", "previous_domain"] = _h(
+        "safety", "'safety' (Fisher on the safety calibration set at the aligned model, anchor there, once before "
+        "domain 1) or 'previous_domain' (CL-EWC as the public SafeAnchor code: Fisher on each finished domain's "
+        "data, anchor = post-domain weights)")
     online: bool = _h(False, "online EWC: after every domain F <- gamma F + F_new (F_new on fisher_data at the current "
                       "weights) and anchor <- current weights; False: safety Fisher fixed, previous-domain replaced")
-    gamma: float = _h(1.0, "online EWC decay of the old Fisher (1.0 = plain accumulation, Huszar 2018)")
-    fisher_norm: str = _h("trace", "'trace' (divide F by tr F of the first Fisher: lambda independent of model size "
-                          "and loss scale) or 'none' (raw F, lambda as in the paper's formula)")
+    gamma: float = _h(1.0, "online EWC decay of the old Fisher (1.0 = plain accumulation, Huszar 2018)",
+                      check="[0,1]")
+    fisher_norm: Literal["trace", "none"] = _h(
+        "trace", "'trace' (divide F by tr F of the first Fisher: lambda independent of model size and loss scale) "
+        "or 'none' (raw F, lambda as in the paper's formula)")
     fisher_samples: int = _h(500, "examples per Fisher at most (a seeded subset when there are more; the safety "
-                             "set has N_s = 500 by default)")
-    fisher_chunk: int = _h(8, "examples per batched forward/backward when computing per-sample scores")
+                             "set has N_s = 500 by default); 0 = all", check=">=0")
+    fisher_chunk: int = _h(8, "examples per batched forward/backward when computing per-sample scores",
+                           check=">=1")
 
 
 @register
@@ -94,10 +99,6 @@ class EWC(Method):
 
     def __init__(self, options):
         super().__init__(options)
-        if options.fisher_data not in ("safety", "previous_domain"):
-            raise SafeAnchorError(f"unknown fisher_data {options.fisher_data!r}; use safety or previous_domain")
-        if options.fisher_norm not in ("trace", "none"):
-            raise SafeAnchorError(f"unknown fisher_norm {options.fisher_norm!r}; use trace or none")
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
         self.scale: float | None = None  # c: F is divided by it in the penalty

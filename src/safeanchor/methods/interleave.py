@@ -29,28 +29,38 @@ of ``after_domain`` reports the counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from ..errors import SafeAnchorError
-from .base import Method, MethodConfig, register
+from .base import Method, MethodConfig, option, register
 
 POOL_STREAM = 52_000  # seed stream of the permutation of the safety pool
 SHUFFLE_STREAM = 52_001  # seed stream of each domain's mixture shuffle
 
 
-def _h(default, help):
-    return field(default=default, metadata={"help": help})
+def _h(default, help, check=None):
+    return option(default, help, check=check)  # Literal annotations + check=: see config.check_fields
 
 
 @dataclass
 class InterleaveConfig(MethodConfig):
-    ratio: float = _h(0.10, "safety share (SafeAnchor paper: 10% of each domain's mixture; Bianchi et al.: ~3% helps)")
-    relative_to: str = _h("mixture", "'mixture' (ratio of the final mixture: k = ratio n / (1 - ratio)) or 'domain' "
-                          "(k = ratio x domain examples)")
-    samples: str = _h("fresh", "'fresh' (each domain takes the next safety examples of one seeded permutation of "
-                      "the calibration pool, wrapping) or 'reuse' (the same safety examples for every domain)")
+    ratio: float = _h(0.10, "safety share (SafeAnchor paper: 10% of each domain's mixture; Bianchi et al.: ~3% "
+                      "helps); below 1 with relative_to 'mixture'", check=">=0")
+    relative_to: Literal["mixture", "domain"] = _h(
+        "mixture", "'mixture' (ratio of the final mixture: k = ratio n / (1 - ratio)) or 'domain' (k = ratio x "
+        "domain examples)")
+    samples: Literal["fresh", "reuse"] = _h(
+        "fresh", "'fresh' (each domain takes the next safety examples of one seeded permutation of the calibration "
+        "pool, wrapping) or 'reuse' (the same safety examples for every domain)")
+
+    def __post_init__(self):  # the one check across two fields (so it runs when the config is built)
+        if self.relative_to == "mixture" and isinstance(self.ratio, (int, float)) and self.ratio >= 1:
+            raise SafeAnchorError(f"config key 'method_options.interleave.ratio' must be < 1 with relative_to "
+                                  f"'mixture' (a share of the mixture), got {self.ratio}; lower it or set "
+                                  f"method_options.interleave.relative_to=domain")
 
 
 def safety_count(n: int, ratio: float, relative_to: str) -> int:
@@ -79,9 +89,6 @@ class Interleave(Method):
 
     def __init__(self, options):
         super().__init__(options)
-        if options.samples not in ("fresh", "reuse"):
-            raise SafeAnchorError(f"unknown samples {options.samples!r}; use fresh or reuse")
-        safety_count(0, options.ratio, options.relative_to)  # validate early
         self.mixes: dict[str, dict] = {}
 
     def safety_examples(self, ctx, t: int, k: int) -> list[dict]:

@@ -40,25 +40,28 @@ reads ``state/stage<t>.pt``, which holds the same tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from .. import subspace as ss
 from ..errors import SafeAnchorError
-from .base import Method, MethodConfig, register
+from .base import Method, MethodConfig, option, register
 
 
-def _h(default, help):
-    return field(default=default, metadata={"help": help})
+def _h(default, help, check=None):
+    return option(default, help, check=check)  # Literal annotations + check=: see config.check_fields
 
 
 @dataclass
 class OLoRAConfig(MethodConfig):
-    lambda1: float = _h(0.5, "weight of the orthogonality term (official scripts: 0.5)")
-    lambda2: float = _h(0.0, "weight of the Frobenius norm of the trained adapter's tensors (official scripts: 0)")
-    orth_norm: str = _h("l1", "'l1': sum |(A_old A_t^T)_jk| (official code) or 'squared': sum of squares (paper)")
+    lambda1: float = _h(0.5, "weight of the orthogonality term (official scripts: 0.5)", check=">=0")
+    lambda2: float = _h(0.0, "weight of the Frobenius norm of the trained adapter's tensors (official scripts: 0)",
+                        check=">=0")
+    orth_norm: Literal["l1", "squared"] = _h("l1", "'l1': sum |(A_old A_t^T)_jk| (official code) or 'squared': "
+                                             "sum of squares (paper)")
 
 
 def adapter_name(t: int) -> str:
@@ -85,8 +88,6 @@ class OLoRA(Method):
 
     def __init__(self, options):
         super().__init__(options)
-        if options.orth_norm not in ("l1", "squared"):
-            raise SafeAnchorError(f"unknown orth_norm {options.orth_norm!r}; use l1 or squared")
         self.adapters: list[str] = ["default"]  # in domain order; the last one is trained
         self.records: list[dict] = []
 

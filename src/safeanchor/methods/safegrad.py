@@ -35,11 +35,13 @@ non-zero).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from .. import subspace as ss
-from ..data.chat import mean_token_nll, response_logits
+from ..anchor import anchor_kl
+from ..data.chat import mean_token_nll
 from ..errors import SafeAnchorError
 from ..train import BatchStream
 from .base import Method, MethodConfig, register
@@ -47,19 +49,21 @@ from .base import Method, MethodConfig, register
 ALIGN_STREAM = 51_000  # seed stream of the alignment batches
 
 
-def _h(default, help):
-    return field(default=default, metadata={"help": help})
+def _h(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class SafeGradConfig(MethodConfig):
-    align_loss: str = _h("kl", "'kl' (paper: KL(p_aligned || p_theta) on calibration data, reference = adapter "
-                         "disabled; zero gradient at a fresh LoRA) or 'nll' (refusal NLL on calibration data)")
+    align_loss: Literal["kl", "nll"] = _h(
+        "kl", "'kl' (paper: KL(p_aligned || p_theta) on calibration data, reference = adapter disabled; zero "
+        "gradient at a fresh LoRA) or 'nll' (refusal NLL on calibration data)")
     lambda_a: float = _h(1.0, "weight of g_a in the final gradient g_u' + lambda_a g_a (assumed: the paper's "
-                         "code is not public; PCGrad sums unweighted); 0 = projection only")
-    surgery: str = _h("global", "'global' (conflict test and projection on the flattened gradient of all LoRA "
-                      "weights, as PCGrad) or 'per_module' (separately per LoRA module vec([B; A]))")
-    align_batch: int = _h(0, "calibration examples per alignment gradient (0 = train.batch_size)")
+                         "code is not public; PCGrad sums unweighted); 0 = projection only", check=">=0")
+    surgery: Literal["global", "per_module"] = _h(
+        "global", "'global' (conflict test and projection on the flattened gradient of all LoRA weights, as PCGrad) "
+        "or 'per_module' (separately per LoRA module vec([B; A]))")
+    align_batch: int = _h(0, "calibration examples per alignment gradient (0 = train.batch_size)", check=">=0")
 
 
 def surgery(g_u: torch.Tensor, g_a: torch.Tensor, lambda_a: float = 1.0) -> tuple[torch.Tensor, dict]:
@@ -86,10 +90,6 @@ class SafeGrad(Method):
 
     def __init__(self, options):
         super().__init__(options)
-        if options.align_loss not in ("kl", "nll"):
-            raise SafeAnchorError(f"unknown align_loss {options.align_loss!r}; use kl or nll")
-        if options.surgery not in ("global", "per_module"):
-            raise SafeAnchorError(f"unknown surgery {options.surgery!r}; use global or per_module")
         self.step_count = 0
 
     def align_batch(self, ctx) -> dict:
@@ -105,8 +105,8 @@ class SafeGrad(Method):
     def align_backward(self, ctx, batch: dict, weight: float = 1.0) -> float:
         """Backpropagate ``weight`` x the alignment loss on ``batch`` (adds g_a to .grad); returns that value.
 
-        KL: the gradient goes through the closed form dKL/dlogits = (p_theta - p_aligned) / T (T response
-        tokens), via the surrogate sum(logits * that), so g_a is exactly zero where p_theta = p_aligned.
+        KL: the library's one anchor loss (``anchor.anchor_kl``), whose gradient is the closed form
+        dKL/dlogits = (p_theta - p_aligned) / T, so g_a is exactly zero where p_theta = p_aligned.
         Autograd through log_softmax instead leaves float32 round-off (sum p_aligned != 1 exactly,
         ~1e-9 of the task gradient) that would turn the conflict test and cosine into noise.
         """
@@ -115,17 +115,9 @@ class SafeGrad(Method):
             ctx.check_finite(loss, "SafeGrad alignment loss (nll)")
             ctx.backward(weight * loss)
             return weight * loss.item()
-        with torch.no_grad(), ctx.model.disable_adapter():
-            ref_logits, _ = response_logits(ctx.model, batch)
-        logits, _ = response_logits(ctx.model, batch)
-        with torch.no_grad():
-            p_ref, p = torch.softmax(ref_logits, -1), torch.softmax(logits, -1)
-            kl = (p_ref * (torch.log_softmax(ref_logits, -1) - torch.log_softmax(logits, -1))).sum(-1).mean()
-            ctx.check_finite(kl, "SafeGrad alignment loss (kl)")
-            dlogits = (p - p_ref) / logits.shape[0]
-            if weight != 1.0:
-                dlogits = dlogits * weight
-        ctx.backward((logits * dlogits).sum())
+        kl = anchor_kl(ctx.model, batch)
+        ctx.check_finite(kl, "SafeGrad alignment loss (kl)")
+        ctx.backward(weight * kl)
         return weight * kl.item()
 
     def _groups(self, ctx, params: dict[str, torch.nn.Parameter]) -> list[list[str]]:

@@ -41,20 +41,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ..errors import SafeAnchorError
-from .base import Method, MethodConfig, register
+from ..subspace import iter_lora_layers
+from .base import Method, MethodConfig, option, register
 
 PEFT_PREFIX = "base_model.model."
 
 
-def _h(default, help):
-    return field(default=default, metadata={"help": help})
+def _h(default, help, check=None):
+    return option(default, help, check=check)  # Literal annotations + check=: see config.check_fields
 
 
 @dataclass
@@ -62,14 +64,16 @@ class SafeLoRAConfig(MethodConfig):
     unaligned_model: str = _h("", "the model before safety alignment (HF id, local dir, 'tiny-random'); '' = the "
                               "pipeline's model.name when the alignment stage ran (e.g. meta-llama/Llama-2-7b-hf "
                               "for Llama-2-7b-chat-hf)")
-    projector: str = _h("paper", "'paper': C = V V^T / ||V||_F (paper, official code; not idempotent) or 'exact': "
-                        "U_k U_k^T from a truncated SVD of V (an orthogonal projector)")
+    projector: Literal["paper", "exact"] = _h(
+        "paper", "'paper': C = V V^T / ||V||_F (paper, official code; not idempotent) or 'exact': U_k U_k^T from a "
+        "truncated SVD of V (an orthogonal projector)")
     exact_energy: float = _h(0.9, "projector 'exact': smallest k whose singular values cover this fraction of "
-                             "||V||_F^2")
-    select: str = _h("number", "'number': project the num_proj_layers lowest-cosine modules; 'threshold': "
-                     "project every module with cosine <= threshold (official default: number)")
-    num_proj_layers: int = _h(10, "modules projected in select 'number' (official default: 10)")
-    threshold: float = _h(0.5, "cosine threshold of select 'threshold' (official default: 0.5)")
+                             "||V||_F^2", check="(0,1]")
+    select: Literal["number", "threshold"] = _h(
+        "number", "'number': project the num_proj_layers lowest-cosine modules; 'threshold': project every module "
+        "with cosine <= threshold (official default: number)")
+    num_proj_layers: int = _h(10, "modules projected in select 'number' (official default: 10)", check=">=0")
+    threshold: float = _h(0.5, "cosine threshold of select 'threshold' (official default: 0.5)", check="[-1,1]")
     project_increment: bool = _h(True, "project only this domain's change of B (B_t - B_{t-1}); False projects the "
                                  "whole B after every domain (compounds the non-idempotent C)")
 
@@ -197,15 +201,14 @@ def _resolve(source: WeightSource, module: str) -> str:
 # -- the rule -------------------------------------------------------------------------------------------
 
 def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
-    """Checkpoint-style module name (PEFT prefix removed) -> PEFT LoRA layer holding ``adapter_name``."""
+    """Checkpoint-style module name (PEFT prefix removed) -> Linear PEFT LoRA layer holding ``adapter_name``
+    (``subspace.iter_lora_layers``)."""
     out = {}
-    for name, module in model.named_modules():
-        a = getattr(module, "lora_A", None)
-        if isinstance(a, nn.ModuleDict) and adapter_name in a and isinstance(a[adapter_name], nn.Linear):
-            if getattr(module, "fan_in_fan_out", False):
-                raise SafeAnchorError(f"{name} stores its weight transposed (fan_in_fan_out); Safe LoRA here covers "
-                                      f"nn.Linear layers only")
-            out[name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name] = module
+    for name, module in iter_lora_layers(model, adapter_name):
+        if getattr(module, "fan_in_fan_out", False):
+            raise SafeAnchorError(f"{name} stores its weight transposed (fan_in_fan_out); Safe LoRA here covers "
+                                  f"nn.Linear layers only")
+        out[name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name] = module
     return out
 
 
@@ -307,10 +310,6 @@ class SafeLoRA(Method):
 
     def __init__(self, options):
         super().__init__(options)
-        if options.select not in ("number", "threshold"):
-            raise SafeAnchorError(f"unknown select {options.select!r}; use number or threshold")
-        if options.projector not in ("paper", "exact"):
-            raise SafeAnchorError(f"unknown projector {options.projector!r}; use paper or exact")
         self._sources: tuple[WeightSource, WeightSource] | None = None
         self._start: dict[str, torch.Tensor] | None = None
         self.records: list[dict] = []

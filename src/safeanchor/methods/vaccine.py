@@ -47,29 +47,32 @@ fine-tuning stage is plain SFT). Defaults and choices:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..data.chat import mean_token_nll
+from ..data.chat import mean_token_nll, plain_head
 from ..errors import SafeAnchorError
+from ..subspace import iter_lora_layers
 from ..train import steps_for, train_steps
-from .base import Method, MethodConfig, register
+from .base import Method, MethodConfig, option, register
 
 VACCINE_STREAM = 61_000  # seed stream of the vaccination batches
 
 
-def _h(default, help):
-    return field(default=default, metadata={"help": help})
+def _h(default, help, check=None):
+    return option(default, help, check=check)  # Literal annotations + check=: see config.check_fields
 
 
 @dataclass
 class VaccineConfig(MethodConfig):
-    rho: float = _h(2.0, "perturbation radius rho over all attention outputs together (official default: 2)")
+    rho: float = _h(2.0, "perturbation radius rho over all attention outputs together (official default: 2)",
+                    check=">=0")
     steps: int = _h(0, "vaccination optimizer steps on the safety calibration set; 0 = as many as one domain "
-                    "(train.steps_per_domain or train.epochs epochs); the official run is 50 epochs")
-    lr: float = _h(0.0, "vaccination learning rate (0 = train.lr; official alignment: 1e-3 at LoRA scale 0.5)")
+                    "(train.steps_per_domain or train.epochs epochs); the official run is 50 epochs", check=">=0")
+    lr: float = _h(0.0, "vaccination learning rate (0 = train.lr; official alignment: 1e-3 at LoRA scale 0.5)",
+                   check=">=0")
     merge: bool = _h(False, "merge the vaccination LoRA into the base and restart the LoRA (Vaccine's double "
                      "LoRA); False continues the same adapter over the domains")
 
@@ -137,6 +140,7 @@ def vaccine_backward(model: nn.Module, batch: dict, rho: float, scale: float = 1
     modules = attention_modules(model) if modules is None else modules
     if not modules:
         raise SafeAnchorError("Vaccine found no attention modules (named self_attn or *Attention) to perturb")
+    plain_head(model)  # its one-time check forward must not run inside the capturing hooks
     with _Hooks(modules) as cap:
         clean = mean_token_nll(model, batch)
     outs = {n: o for n, o in cap.outputs.items() if o.requires_grad}
@@ -180,7 +184,7 @@ def _merge_into_base(ctx, factors: dict[str, tuple[torch.Tensor, torch.Tensor, f
     """W_base += s B A for every listed LoRA layer, once per model (idempotent across resumes)."""
     if getattr(ctx.model, "_vaccine_merged", False):
         return
-    layers = dict(ctx.model.named_modules())
+    layers = dict(iter_lora_layers(ctx.model))
     with torch.no_grad():
         for name, (a, b, s) in factors.items():
             w = layers[name].get_base_layer().weight
@@ -197,8 +201,6 @@ class Vaccine(Method):
 
     def __init__(self, options):
         super().__init__(options)
-        if options.rho < 0:
-            raise SafeAnchorError(f"Vaccine rho must be >= 0, got {options.rho}")
         self.merged: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.vaccinated: dict[str, torch.Tensor] = {}  # LoRA after vaccination (reinit without merge only)
 

@@ -27,8 +27,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--run", help="a finished `safeanchor run` directory: evaluate its aligned base and the adapter "
                    "after every domain (OUT/<k>-<after>/, OUT/trajectory.md); reruns skip finished steps")
     p.add_argument("--tasks", help=f"comma list of: {', '.join(TASKS)} (default: {DEFAULT_TASKS})")
-    p.add_argument("--judge", default="keyword", help="keyword (offline), llamaguard, llamaguard2, llamaguard3, "
-                   "llamaguard3-1b, wildguard, harmbench-cls, KIND:MODEL_ID, or a Llama Guard id")
+    p.add_argument("--judge", default="keyword", help="refusal judges: keyword (offline), wildguard-refusal; harm "
+                   "judges: llamaguard, llamaguard2, llamaguard3, llamaguard3-1b, wildguard, harmbench (alias "
+                   "harmbench-cls), KIND:MODEL_ID, or a Llama Guard id. Each task reports what its judge measures "
+                   "(HarmBench: refusal_rate for a refusal judge, safe_rate for a harm judge)")
     p.add_argument("--limit", type=int, help="at most N items per task (a seeded, stratified sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample and of few-shot draws")
     p.add_argument("--set", action="append", default=[], metavar="TASK.KEY=VALUE",
@@ -151,6 +153,27 @@ def list_tasks() -> str:
     return "\n".join(lines)
 
 
+def run_base_model(run_dir: Path, results: dict) -> str:
+    """The model every adapter of a run sits on: the run's aligned base (``base_model_dir``), or for an
+    ``aligned: false`` run (no alignment stage: base_model_dir is null) the run's own ``model.name``
+    (config.json, else results.json's ``model``)."""
+    if results.get("base_model_dir"):
+        return str(run_dir / results["base_model_dir"])
+    cfg_path = run_dir / "config.json"
+    name = None
+    if cfg_path.is_file():
+        try:
+            name = json.loads(cfg_path.read_text())["config"]["model"]["name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SafeAnchorError(f"--run {run_dir}: config.json has no config.model.name; pass --model (and "
+                                  f"--adapter) instead") from None
+    name = name or results.get("model")
+    if not name:
+        raise SafeAnchorError(f"--run {run_dir} names no model (no base_model_dir, config.json or results 'model'); "
+                              f"pass --model and --adapter instead")
+    return name
+
+
 def _eval_run(args) -> int:
     """Every step of a finished run (base, +domain 1, ...) through the same tasks: a trajectory."""
     from ..judges import get_judge
@@ -160,9 +183,7 @@ def _eval_run(args) -> int:
     if not path.is_file():
         raise SafeAnchorError(f"--run {run_dir}: no results.json; pass a directory made by `safeanchor run`")
     results = json.loads(path.read_text())
-    if not results.get("base_model_dir"):
-        raise SafeAnchorError(f"--run {run_dir} has no base_model_dir (an unaligned run); use --model/--adapter")
-    base = str(run_dir / results["base_model_dir"])
+    base = run_base_model(run_dir, results)
     tasks = parse_tasks(args.tasks or DEFAULT_TASKS)
     judge = get_judge(args.judge)
     rows = []

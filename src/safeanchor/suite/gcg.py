@@ -349,32 +349,11 @@ def load_goals(source: str) -> tuple[list[str], tuple[str, str]]:
     raise SafeAnchorError(f"gcg source {source!r} is unknown; use harmbench or advbench")
 
 
-@torch.no_grad()
-def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of already-tokenised prompts (left-padded batches)."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                             temperature=None, top_p=None, top_k=None)
-        out += [tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
-    return out
-
-
 def run(model, tokenizer, *, out_dir: Path, limit: int | None = 100, judge=None, seed: int = 0,
         config: dict | GCGConfig | None = None, **options) -> dict:
     """GCG against ``limit`` harmful goals (default 100): refusal without / under attack (module docstring).
     ``config`` (or GCGConfig field names among ``options``) override the ``preset``."""
-    from ..data.chat import prompt_ids
+    from ..generation import generate
     from ..judges import KeywordRefusalJudge
 
     names = {f.name for f in dataclasses.fields(GCGConfig)}
@@ -396,18 +375,15 @@ def run(model, tokenizer, *, out_dir: Path, limit: int | None = 100, judge=None,
                         "suffix_ids": res.best_ids, "initial_loss": res.initial_loss, "best_loss": res.best_loss,
                         "losses": res.losses, "seconds": res.seconds, "steps": len(res.losses)})
         write_jsonl(folder / "records.jsonl", records)  # progress survives an interrupted run
-    was_training = model.training
-    model.eval()
-    try:
-        clean = generate_ids(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in records],
-                             opts.max_new_tokens, opts.batch_size)
-        attacked_ids = []
-        for r in records:
-            obj = Objective(model, tokenizer, r["prompt"], r["target"], use_prefix_cache=False)
-            attacked_ids.append(obj.before_ids.tolist() + r["suffix_ids"] + obj.after_ids.tolist())
-        attacked = generate_ids(model, tokenizer, attacked_ids, opts.max_new_tokens, opts.batch_size)
-    finally:
-        model.train(was_training)
+    # greedy completions, batched in record order
+    clean = generate(model, tokenizer, [r["prompt"] for r in records], opts.max_new_tokens, opts.batch_size,
+                     desc="gcg clean", longest_first=False)
+    attacked_ids = []
+    for r in records:
+        obj = Objective(model, tokenizer, r["prompt"], r["target"], use_prefix_cache=False)
+        attacked_ids.append(obj.before_ids.tolist() + r["suffix_ids"] + obj.after_ids.tolist())
+    attacked = generate(model, tokenizer, attacked_ids, opts.max_new_tokens, opts.batch_size, desc="gcg attacked",
+                        longest_first=False)
     prompts = [r["prompt"] for r in records]
     labels_clean = judge(prompts, clean)
     labels_attack = judge([f"{r['prompt']} {r['suffix']}" for r in records], attacked)

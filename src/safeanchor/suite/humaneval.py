@@ -182,40 +182,10 @@ def _execute(samples: list[dict], problems: dict, opts: Options, path: Path) -> 
 # ---------------------------------------------------------------------------------------------- task
 
 
-def _sample(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, temperature: float, top_p: float,
-            batch_size: int, seed: int) -> list[list[str]]:
-    """``n`` sampled replies per prompt (seeded)."""
-    import torch
-
-    from ..data.chat import prompt_ids
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    torch.manual_seed(seed)
-    try:
-        for p in prompts:
-            ids = torch.tensor([prompt_ids(tokenizer, p)], device=device)
-            replies = []
-            for start in range(0, n, batch_size):
-                m = min(batch_size, n - start)
-                with torch.no_grad():
-                    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                         temperature=temperature, top_p=top_p, top_k=None, num_return_sequences=m,
-                                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                         eos_token_id=tokenizer.eos_token_id)
-                replies += [tokenizer.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
-            out.append(replies)
-    finally:
-        model.train(was_training)
-    return out
-
-
 def run(model, tokenizer, *, out_dir: Path, limit: int | None = None, judge=None, seed: int = 0, n_samples: int = 1,
         max_new_tokens: int = 384, **options) -> dict:
     """Generate ``n_samples`` completions per problem (greedy when 1), execute them, report pass@k."""
-    from ..generation import generate
+    from ..generation import generate, generate_samples
 
     opts = parse_options(Options, options, "humaneval")
     n_samples, max_new_tokens = int(n_samples), int(max_new_tokens)  # strings from the CLI
@@ -229,8 +199,10 @@ def run(model, tokenizer, *, out_dir: Path, limit: int | None = None, judge=None
         replies = [[r] for r in generate(model, tokenizer, prompts, max_new_tokens, opts.batch_size,
                                          desc="generate humaneval")]
     else:
-        replies = _sample(model, tokenizer, prompts, n_samples, max_new_tokens, opts.temperature, opts.top_p,
-                          opts.batch_size, seed)
+        # one prompt at a time, in problem order, up to batch_size samples per call; torch seeded once
+        replies = generate_samples(model, tokenizer, prompts, n_samples, max_new_tokens=max_new_tokens,
+                                   batch_size=opts.batch_size, sample=True, temperature=opts.temperature,
+                                   top_p=opts.top_p, seed=seed, longest_first=False, desc="sample humaneval")
     write_jsonl(folder / "replies.jsonl", [{"task_id": p["task_id"], "sample": j, "reply": r}
                                            for p, rs in zip(chosen, replies) for j, r in enumerate(rs)])
     samples = [{"task_id": p["task_id"], "completion": extract_completion(r, p["entry_point"])}

@@ -1,0 +1,184 @@
+"""CSM: cumulative safety monitoring with repair replay, after any training stage.
+
+After each stage t the monitor measures s_t on held-out harmful monitor prompts: the % refused (a
+refusal judge) or the % answered safely (a harm judge such as Llama Guard, the paper's monitor). If s_t < (1 - tau) s_0 (s_0: the aligned model's rate), a repair block runs
+E_repair optimizer steps of corrective replay (Guo, Wu, Yiu, arXiv:2604.17691, Sec. 3.4):
+
+    loss = task loss on the stage's own data (projected like OSCA) + beta * NLL of safe responses (bypass)
+
+then s_t is measured again; at most ``max_blocks`` blocks. Two defaults of this library differ from the
+paper and can be switched back: a block ends early once a re-measurement every ``check_every`` steps is
+back above the threshold (0: only after the whole block, the paper), and the caller may mix benign
+look-alike prompts answered by the aligned model into the safety data (a refusal-only replay to a fixed
+budget teaches refusing everything: over-refusal 10% -> 80% on the quick start).
+
+``SafetyMonitor`` measures; ``repair_block`` runs one block through the library's training loop
+(``train.train_steps``) with a ``SafetyProjector`` attached; ``monitor_and_repair`` is the whole CSM
+step. They take a PEFT model, a tokenizer and plain example lists, so they run after a
+``transformers.Trainer`` stage as well as inside ``safeanchor run``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+from .anchor import SafetyBatches
+from .errors import SafeAnchorError
+from .projector import SafetyProjector, SafetyTerm
+from .safety_subspace import SafetySubspace
+
+
+class SafetyMonitor:
+    """s_t (%) of a model on harmful monitor prompts, with CSM's threshold (1 - tau) s_0.
+
+    ``judge``: a refusal judge (label 1 = refused; default the offline keyword judge), or a harm judge
+    such as Llama Guard, as the paper monitors (label 1 = safe response): s_t is then the % of safe
+    responses; ``measures`` says which. ``rate_fn(model, tokenizer) -> %`` replaces generation + judging
+    (e.g. the pipeline's data-parallel evaluator, or a test's fixed sequence).
+    """
+
+    def __init__(self, prompts: list[str], judge=None, *, tau: float = 0.05, max_new_tokens: int = 64,
+                 batch_size: int = 16, rate_fn: Callable | None = None, dist=None):
+        if not prompts and rate_fn is None:
+            raise SafeAnchorError("the safety monitor has no prompts; give harmful monitor prompts (data.monitor_source)")
+        if not 0.0 <= tau < 1.0:
+            raise SafeAnchorError(f"tau must be in [0, 1), got {tau}")
+        if judge is None and rate_fn is None:
+            from .judges import get_judge
+
+            judge = get_judge("keyword")
+        measures = getattr(judge if judge is not None else rate_fn, "measures", "refusal")
+        if measures not in ("refusal", "safe_response"):
+            raise SafeAnchorError(f"judge {getattr(judge, 'name', judge)!r} measures {measures!r}; the monitor needs a "
+                                  "refusal judge (label 1 = refused) or a harm judge (label 1 = safe response)")
+        self.prompts, self.judge, self.tau, self.measures = list(prompts), judge, tau, measures
+        self.max_new_tokens, self.batch_size, self.rate_fn, self.dist = max_new_tokens, batch_size, rate_fn, dist
+        self.s0: float | None = None
+
+    def rate(self, model, tokenizer) -> float:
+        """s_t: % of the monitor prompts refused (refusal judge) or answered safely (harm judge)."""
+        if self.rate_fn is not None:
+            return self.rate_fn(model, tokenizer)
+        from .evaluation import judge_prompts
+
+        rate, _ = judge_prompts(model, tokenizer, self.judge, self.prompts, self.max_new_tokens, self.batch_size,
+                                "monitor", self.dist)
+        return round(rate, 2)
+
+    def set_baseline(self, model, tokenizer) -> float:
+        """s_0: the rate of the model before any stage (call it on the aligned model)."""
+        self.s0 = self.rate(model, tokenizer)
+        return self.s0
+
+    @property
+    def threshold(self) -> float:
+        if self.s0 is None:
+            raise SafeAnchorError("the safety monitor has no baseline s_0; call set_baseline on the aligned model first")
+        return (1 - self.tau) * self.s0
+
+
+def aligned_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16,
+                    judge=None) -> list[dict]:
+    """Benign prompts with the aligned model's own answers (the adapter disabled, greedy), for CSM's replay:
+    repair then restores the aligned behaviour on both sides of the refusal boundary, not refusal alone.
+    Answers the refusal ``judge`` (default: keyword) calls refusals, and empty ones, are dropped."""
+    from .generation import generate
+    from .judges import KeywordRefusalJudge
+
+    with model.disable_adapter():
+        answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="CSM look-alikes")
+    labels = (judge or KeywordRefusalJudge())(prompts, answers)
+    return [{"prompt": p, "response": a} for p, a, lbl in zip(prompts, answers, labels) if lbl == 0 and a.strip()]
+
+
+def builtin_lookalikes(n: int, seed: int = 0) -> list[str]:
+    """``n`` of the library's benign prompts that sound dangerous ("how do I kill a Python process"; the
+    training split, never the over-refusal evaluation split), in a seeded order."""
+    import random
+
+    from .data.safety import benign_borderline
+
+    prompts = benign_borderline("train")
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
+
+
+@dataclass
+class RepairSettings:
+    """One CSM repair configuration (defaults: the paper's, except ``check_every``)."""
+
+    steps: int = 200           # E_repair, optimizer steps per block
+    lr: float = 2e-4           # learning rate of the replay
+    beta: float = 1.0          # weight of the safety NLL
+    max_blocks: int = 2        # one block plus at most one further
+    check_every: int = 10      # re-measure every N steps, stop once restored (0 = paper: whole blocks)
+    batch_size: int = 8        # safety replay batch size
+    mode: str = "update"       # the projector's mode for the task part (update | gradient | none)
+
+
+def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: list[dict], subspace: SafetySubspace,
+                 strengths: dict[str, float], settings: RepairSettings, train, *, seed: int = 0, stream: int = 20_001,
+                 stop: Callable[[int], bool] | None = None, dist=None, desc: str = "CSM repair") -> list[dict]:
+    """``settings.steps`` steps of replay through ``train.train_steps`` (``train``: a ``config.TrainConfig``
+    giving batch size, accumulation, AdamW and clipping); returns the per-step logs. ``stop(k)`` is asked
+    after step k and ends the block when it returns True."""
+    from .distributed import Dist
+    from .methods.base import Method, MethodConfig
+    from .train import Context, train_steps
+
+    dist = dist or Dist()
+    safe = SafetyBatches(safety_examples, tokenizer, settings.batch_size, seed, 30_000, train.max_length,
+                         "repair safety examples")
+    term = SafetyTerm("nll", safe, settings.beta, name="safe_loss", dist=dist)
+
+    class _Replay(Method):
+        name = "csm-replay"
+
+        def attach_optimizer(self, ctx, optimizer) -> None:
+            self.projector = SafetyProjector(model, subspace, strengths, mode=settings.mode, terms=[term]).attach(optimizer)
+
+        def after_step(self, ctx) -> dict:
+            return dict(self.projector.logs)
+
+    cfg = SimpleNamespace(train=train, seed=seed)
+    ctx = Context(cfg=cfg, model=model, tokenizer=tokenizer, run_dir=Path("."), method=_Replay(MethodConfig()), dist=dist)
+    was = model.training
+    try:
+        return train_steps(ctx, task_examples, settings.steps, stream=stream, lr=settings.lr, desc=desc, stop=stop)
+    finally:
+        if hasattr(ctx.method, "projector"):
+            ctx.method.projector.detach()
+        model.train(was)
+
+
+def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: list[dict],
+                       safety_examples: list[dict], subspace: SafetySubspace, strengths: dict[str, float],
+                       settings: RepairSettings, train, *, seed: int = 0, stage: int = 1, dist=None) -> dict:
+    """CSM after stage ``stage``: measure s_t; while s_t < (1 - tau) s_0 and fewer than ``max_blocks`` blocks
+    ran, repair and re-measure. Returns the record (s0, threshold, s_before, blocks, triggered, s_after)."""
+    threshold = monitor.threshold
+    s_t = monitor.rate(model, tokenizer)
+    rec = {"s0": monitor.s0, "threshold": round(threshold, 2), "s_before": s_t, "blocks": []}
+    blocks = 0
+    while s_t < threshold and blocks < settings.max_blocks:
+        blocks += 1
+        checks: list[tuple[int, float]] = []
+
+        def restored(k: int) -> bool:
+            if not settings.check_every or k % settings.check_every:
+                return False
+            checks.append((k, monitor.rate(model, tokenizer)))
+            return checks[-1][1] >= threshold
+
+        hist = repair_block(model, tokenizer, task_examples, safety_examples, subspace, strengths, settings, train,
+                            seed=seed, stream=20_000 + 10 * stage + blocks, stop=restored, dist=dist,
+                            desc=f"CSM repair {blocks}")
+        done = len(hist)
+        s_t = checks[-1][1] if checks and checks[-1][0] == done else monitor.rate(model, tokenizer)
+        rec["blocks"].append({"steps": done, "s_after": s_t, "checks": checks,
+                              "safe_loss": sum(h.get("safe_loss", 0.0) for h in hist) / max(1, done)})
+    rec["triggered"] = blocks > 0
+    rec["s_after"] = s_t
+    return rec

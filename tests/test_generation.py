@@ -1,0 +1,211 @@
+"""The one generation loop (safeanchor.generation) against the loops it replaced, on the tiny random model:
+chat prompts (greedy, longest-first), token-id prompts (GCG), raw-text prompts with the judge model's own
+stop tokens (judges), and seeded sampling with several samples per prompt (HumanEval pass@k). Each must
+give the same text token for token (and sampling must leave torch's RNG where the old loop left it)."""
+import pytest
+import torch
+
+from safeanchor import judges
+from safeanchor.data.chat import prompt_ids
+from safeanchor.generation import encode_prompts, generate, generate_samples
+from safeanchor.models import tiny_model, tiny_tokenizer
+
+PROMPTS = ["hi", "Tell me a long story about a lighthouse keeper and her cat", "What is 2+2?", "x",
+           "Name three rivers in Europe, please", "ok then", "Why?"]
+
+
+# ---------------------------------------------------------------- slow references
+# The four loops as they stood before generation.generate covered them, copied verbatim (apart from
+# names and the progress bar); they exist only to pin the new loop's outputs.
+
+@torch.no_grad()
+def reference_generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=16):
+    """REFERENCE (old generation.generate): chat prompts, greedy, longest-first batches."""
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    out = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]):] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
+            for row, i in enumerate(idx):
+                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def reference_generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size):
+    """REFERENCE (old suite.gcg.generate_ids): token-id prompts, greedy, batches in input order."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             temperature=None, top_p=None, top_k=None)
+        out += [tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
+    return out
+
+
+def reference_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch_size, seed):
+    """REFERENCE (old suite.humaneval._sample): n seeded samples per prompt, one prompt at a time."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    torch.manual_seed(seed)
+    try:
+        for p in prompts:
+            ids = torch.tensor([prompt_ids(tokenizer, p)], device=device)
+            replies = []
+            for start in range(0, n, batch_size):
+                m = min(batch_size, n - start)
+                with torch.no_grad():
+                    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                         temperature=temperature, top_p=top_p, top_k=None, num_return_sequences=m,
+                                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=tokenizer.eos_token_id)
+                replies += [tokenizer.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
+            out.append(replies)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def reference_judge_decode(model, tok, texts, batch_size, max_new_tokens, add_special_tokens):
+    """REFERENCE (old judges.ModelJudge._decode): raw text, greedy, input order, the model's stop tokens."""
+    out = []
+    tok.padding_side = "left"
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                  add_special_tokens=add_special_tokens).to(model.device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """The tiny model with a generation-config stop token that it actually emits (not the tokenizer's EOS),
+    so that 'stop at the tokenizer's EOS' and 'stop at the model's own' give different texts."""
+    m = tiny_model(seed=3).eval()
+    ids = torch.tensor([prompt_ids(tok, PROMPTS[1])])
+    with torch.no_grad():
+        gen = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                         eos_token_id=None, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+    m.generation_config.eos_token_id = int(gen[0, ids.shape[1] + 3])  # emitted 4th for PROMPTS[1]
+    assert m.generation_config.eos_token_id != tok.eos_token_id
+    return m
+
+
+# ---------------------------------------------------------------- new == old
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_chat_prompts_greedy_match_the_old_loop(model, tok, batch_size):
+    model.train()
+    got = generate(model, tok, PROMPTS, 10, batch_size, progress=False)
+    assert model.training  # mode restored
+    assert got == reference_generate(model, tok, PROMPTS, 10, batch_size)
+    assert generate(model, tok, [], 10, batch_size) == []
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_token_id_prompts_match_gcg_loop(model, tok, batch_size):
+    ids = [prompt_ids(tok, p) for p in PROMPTS]
+    ids[2] = ids[2][:-3] + tok(" zz!", add_special_tokens=False)["input_ids"] + ids[2][-3:]  # a spliced suffix
+    got = generate(model.eval(), tok, ids, 9, batch_size, progress=False, longest_first=False)
+    assert got == reference_generate_ids(model, tok, ids, 9, batch_size)
+    # strings through the chat template and their ids are the same prompts
+    assert generate(model, tok, PROMPTS, 9, batch_size, progress=False, longest_first=False) == \
+        generate(model, tok, encode_prompts(tok, PROMPTS), 9, batch_size, progress=False, longest_first=False)
+
+
+@pytest.mark.parametrize("add_special_tokens", [False, True])
+def test_raw_text_prompts_match_judge_loop(model, tok, add_special_tokens):
+    texts = [f"<guard>{p}|answer {i}</guard>" for i, p in enumerate(PROMPTS)]
+    want = reference_judge_decode(model, tok, texts, 3, 8, add_special_tokens)
+    got = generate(model, tok, texts, 8, 3, progress=False, chat=False, add_special_tokens=add_special_tokens,
+                   longest_first=False, eos="model", strip=False)
+    assert got == want
+    # the model's stop token mattered somewhere, and stopping at the tokenizer's EOS differs there
+    other = generate(model, tok, texts, 8, 3, progress=False, chat=False, add_special_tokens=add_special_tokens,
+                     longest_first=False, strip=False)
+    assert other != got
+
+
+def test_model_judge_decodes_like_the_old_loop(monkeypatch, model, tok):
+    monkeypatch.setattr(judges, "load_hf_classifier", lambda model_id, device=None: (model, tok))
+    j = judges.get_judge("wildguard:/models/wg", load=False)
+    j.model, j.tokenizer, j.batch_size, j.max_new_tokens = model, tok, 2, 6
+    texts = [f"U:{p}\nA:{p[::-1]}\n" for p in PROMPTS]
+    assert j._decode(texts) == reference_judge_decode(model, tok, texts, 2, 6, True)
+
+
+@pytest.mark.parametrize("n,batch_size", [(5, 2), (3, 8), (1, 4)])
+def test_seeded_sampling_matches_humaneval_loop(model, tok, n, batch_size):
+    prompts = PROMPTS[:4]
+    want = reference_sample(model, tok, prompts, n, 8, 0.8, 0.95, batch_size, seed=11)
+    after_old = torch.get_rng_state()
+    got = generate_samples(model, tok, prompts, n, max_new_tokens=8, batch_size=batch_size, sample=True,
+                           temperature=0.8, top_p=0.95, seed=11, longest_first=False, progress=False)
+    assert got == want and all(len(r) == n for r in got)
+    assert torch.equal(torch.get_rng_state(), after_old)  # the same draws, in the same order
+    assert len({r for rs in got for r in rs}) > 1  # it did sample
+
+
+def test_arguments_are_checked(model, tok):
+    with pytest.raises(ValueError, match="greedy"):
+        generate_samples(model, tok, PROMPTS, 2)
+    with pytest.raises(ValueError, match="eos"):
+        generate(model, tok, PROMPTS, eos="none")
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(model, tok, PROMPTS, batch_size=0)
+
+
+def test_humaneval_run_samples_like_the_old_loop(tmp_path, monkeypatch, model, tok):
+    """humaneval.run with n_samples > 1 (programs not executed here) writes the old loop's replies."""
+    import json
+
+    from safeanchor.suite import humaneval as he
+
+    problems = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    \"\"\"{p}\"\"\"\n",
+                 "entry_point": f"f{i}", "test": ""} for i, p in enumerate(PROMPTS[:3])]
+    monkeypatch.setattr(he, "load_problems", lambda: problems)
+    monkeypatch.setattr(he, "_execute", lambda samples, probs, opts, path: (samples, {"n": len(probs)}))
+    he.run(model, tok, out_dir=tmp_path, seed=5, n_samples=3, max_new_tokens=6, batch_size=2, temperature=0.7)
+    rows = [json.loads(line) for line in (tmp_path / "humaneval" / "replies.jsonl").read_text().splitlines()]
+    want = reference_sample(model, tok, [he.INSTRUCTION.format(prompt=p["prompt"]) for p in problems], 3, 6, 0.7,
+                            0.95, 2, seed=5)
+    assert [r["reply"] for r in rows] == [r for rs in want for r in rs]
