@@ -50,8 +50,12 @@ def main():
     ap.add_argument("--model", default="embedded:smollm2")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--bf16", action="store_true", help="also time Standard and SafeAnchor with train.mixed_precision "
+                    "bf16 (autocast) in the same rounds; writes ..._bf16.json")
     ap.add_argument("--out", default="benchmarks/results/safeanchor_overhead.json")
     args = ap.parse_args()
+    if args.bf16 and args.out == "benchmarks/results/safeanchor_overhead.json":
+        args.out = "benchmarks/results/safeanchor_overhead_bf16.json"
     cfg = load_config("quickstart", overrides={"model.name": args.model, "train.grad_accum": 1})
     torch.manual_seed(0)
     model, tok = load_model(cfg.model)
@@ -73,6 +77,10 @@ def main():
     variants = {"standard": get_method("standard"),
                 "projection": get_method("safeanchor", {"gamma": 0.0, "csm": False}),
                 "anchor": get_method("safeanchor", {"csm": False})}
+    precision = {name: "no" for name in variants}
+    if args.bf16:  # the same methods with bf16 autocast, alternating with the float32 ones in every round
+        variants.update(standard_bf16=get_method("standard"), anchor_bf16=get_method("safeanchor", {"csm": False}))
+        precision.update(standard_bf16="bf16", anchor_bf16="bf16")
     ctx = Context(cfg=cfg, model=model, tokenizer=tok, run_dir=Path("."), calibration=calib,
                   evaluator=lambda c, p: 100.0)
     device_is_cuda = next(model.parameters()).is_cuda
@@ -93,7 +101,7 @@ def main():
     info = ctx.method.prepare(ctx)
     ssi = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() / 2**20) if device_is_cuda else _rss_mb() - rss0
-    for v in ("anchor",):
+    for v in [v for v in variants if v.startswith("anchor")]:
         variants[v].load_state_dict(ctx.method.state_dict(), ctx)
     # step times, alternating variants
     task_enc = ctx.encode_all(task)
@@ -109,6 +117,7 @@ def main():
     for rep in range(args.steps + 1):
         for name, method in variants.items():
             ctx.method = method
+            ctx.cfg.train.mixed_precision = precision[name]
             batch = ctx.to_device(stream.batch(rep))
             t0 = time.perf_counter()
             method.compute_grads(ctx, [batch])  # as train_steps: grads, rewrite, clip, step (+ hooks), after_step
@@ -131,6 +140,10 @@ def main():
               "step_s": {k: round(v, 3) for k, v in med.items()},
               "ratio_projection_only": round(ratio["projection"], 3),
               "ratio_with_anchor": round(ratio["anchor"], 3), "rounds": args.steps,
+              **({"ratio_standard_bf16_vs_fp32": round(statistics.median(
+                  a / b for a, b in zip(times["standard_bf16"], times["standard"])), 3),
+                  "ratio_anchor_bf16_vs_fp32": round(statistics.median(
+                      a / b for a, b in zip(times["anchor_bf16"], times["anchor"])), 3)} if args.bf16 else {}),
               "ssi_s": round(ssi, 2), "batched_fwd_bwd_s": round(fb, 2), "ssi_ratio": round(ssi / fb, 2),
               "ssi_peak_mb": round(peak, 1), "subspace": info["subspace"], "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,11 @@
 """SSI's peak memory and time at Llama-2-7B shape, measured on the model cut to a few layers, extrapolated to 32.
 
-    python benchmarks/ssi_scale.py [--layers 1,3] [--n 500] [--budget-gib 2] [--out benchmarks/results/ssi_scale.json]
+    python benchmarks/ssi_scale.py [--layers 1,2] [--n 500] [--budget-gib 1] [--out benchmarks/results/ssi_scale.json]
 
 Each point runs in its own process: a randomly initialised Llama-2-7B-shaped model (hidden 4096,
 intermediate 11008, 32 heads, vocabulary 32,000) with ``--layers`` decoder layers, fp32, LoRA r 16 on
-q/k/v/o, N calibration examples of 16 tokens (8 prompt + 8 response, random ids), and
+q/k/v/o, N calibration examples of 16 tokens (8 random prompt ids + one of 8 fixed 7-token responses and
+EOS, as calibration refusals come from a few templates), and
 ``SafetySubspace.compute`` with ``memory_budget_gib``. Peak memory above the loaded model is the
 process RSS sampled every 5 ms while SSI runs, minus the RSS just before it.
 
@@ -62,7 +63,10 @@ def point(layers: int, n: int, budget: float, seed: int = 0) -> dict:
         eos_token_id = 2
 
     rng = torch.Generator().manual_seed(seed)
-    examples = [{"ids": torch.randint(3, VOCAB, (15,), generator=rng).tolist()} for _ in range(n)]
+    # prompts: random ids; responses: one of 8 fixed sequences, as calibration refusals come from a few
+    # templates (fully random responses make the Fisher nearly full rank: k ~ 440 of 500, unlike real data)
+    templates = [torch.randint(3, VOCAB, (7,), generator=rng).tolist() for _ in range(8)]
+    examples = [{"ids": torch.randint(3, VOCAB, (8,), generator=rng).tolist() + templates[i % 8]} for i in range(n)]
     import safeanchor.safety_subspace as sss
 
     def encode(tok, prompt, response, max_length):
@@ -97,19 +101,27 @@ def point(layers: int, n: int, budget: float, seed: int = 0) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", default="1,3")
+    ap.add_argument("--layers", default="1,2")
     ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--budget-gib", type=float, default=2.0)
+    ap.add_argument("--budget-gib", type=float, default=1.0, help="the SSI memory budget measured (1 GiB: the "
+                    "2-layer point then needs two groups; the library default is 2)")
+    ap.add_argument("--k-real", type=float, default=24.1, help="eigenvectors per module of a trained model's "
+                    "safety Fisher used to extrapolate the bases' size (24.1: the quick start's SmolLM2)")
     ap.add_argument("--out", default="benchmarks/results/ssi_scale.json")
     ap.add_argument("--point", default=None, help=argparse.SUPPRESS)  # "layers,n,budget": run one point, print JSON
+    ap.add_argument("--points-from", default=None, help=argparse.SUPPRESS)  # reuse measured points (a JSONL file)
     args = ap.parse_args(argv)
     if args.point:
         layers, n, budget = args.point.split(",")
         print(json.dumps(point(int(layers), int(n), float(budget))))
         return 0
     points = []
-    for layers in (int(x) for x in args.layers.split(",")):
-        for budget in (args.budget_gib, 1e6):  # the grouped SSI, and every module at once (no budget)
+    if args.points_from:
+        points = [json.loads(line) for line in Path(args.points_from).read_text().splitlines() if line.strip()]
+    layer_list = [int(x) for x in args.layers.split(",")]
+    for layers in ([] if points else layer_list):
+        # the grouped SSI at every depth; every module at once (no budget) at the smallest, for the contrast
+        for budget in (args.budget_gib, 1e6) if layers == layer_list[0] else (args.budget_gib,):
             proc = subprocess.run([sys.executable, __file__, "--point", f"{layers},{args.n},{budget}"],
                                   capture_output=True, text=True)
             if proc.returncode:
@@ -117,19 +129,41 @@ def main(argv=None) -> int:
                 return proc.returncode
             points.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(points[-1]), flush=True)
+    from safeanchor.safety_subspace import DEFAULT_BUDGET_GIB
+
     grouped = [p for p in points if p["budget_gib"] == args.budget_gib]
-    overhead = max(p["peak_above_model_gib"] - min(p["all_gradients_gib"], args.budget_gib) for p in grouped)
+    # what a point holds besides one group's gradients: the bases computed so far (P x k float32 per module,
+    # the output, kept) and a fixed overhead (one chunk's activations and buffers, one module's eigenvector
+    # temporaries); the fixed part is the largest measured remainder
+    bases = {p["layers"]: 4.0 * p["modules"] * P * p["k_mean"] / GIB for p in grouped}
+    overhead = max(p["peak_above_model_gib"] - min(p["all_gradients_gib"], args.budget_gib) - bases[p["layers"]]
+                   for p in grouped)
+    k_random = max(p["k_mean"] for p in grouped)
+    # a random-init model has no structure: its per-example gradients are independent and k ~ N. A trained
+    # model's safety Fisher is low-rank: the quick start's SmolLM2 needs 24.1 eigenvectors per module on
+    # average (results.json prepare.subspace.k_mean), the paper reports about 8 at Llama-2-7B.
+    k_mean = args.k_real
+    bases_32 = 4.0 * 128 * P * k_mean / GIB
+    bases_random_32 = 4.0 * 128 * P * k_random / GIB
     full = 4.0 * args.n * 128 * P / GIB
     per_layer_pass = max(p["seconds"] / p["groups"] / p["layers"] for p in grouped)
     groups_32 = math.ceil(full / args.budget_gib)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, cpu", "n_s": args.n, "budget_gib": args.budget_gib,
         "points": points,
-        "formula": "grouped peak = min(budget, 4 N 128 P bytes) + max measured overhead; naive = 2 x 4 N 128 P bytes; "
-                   "time = groups x layers x (max measured seconds per layer and pass)",
+        "formula": "grouped peak = min(budget, 4 N 128 P bytes) + bases (4 x 128 P k_mean bytes) + fixed overhead "
+                   "(largest measured remainder); naive = 2 x 4 N 128 P bytes (+ bases); time = groups x layers x "
+                   "(max measured seconds per layer and pass)",
+        "overhead_gib": round(overhead, 3), "k_mean_measured_random_init": k_random,
+        "k_mean_for_extrapolation": k_mean, "llama2_7b_bases_gib": round(bases_32, 3),
+        "llama2_7b_peak_gib_if_k_were_the_random_init_k": round(min(args.budget_gib, full) + bases_random_32
+                                                                 + overhead, 2),
         "llama2_7b_all_gradients_gib": round(full, 2),
-        "llama2_7b_peak_gib": round(min(args.budget_gib, full) + overhead, 2),
-        "naive_llama2_7b_gib": round(2 * full, 2),
+        "llama2_7b_peak_gib": round(min(args.budget_gib, full) + bases_32 + overhead, 2),
+        "library_default_budget_gib": DEFAULT_BUDGET_GIB,
+        "llama2_7b_peak_gib_at_library_default": round(min(DEFAULT_BUDGET_GIB, full) + bases_32 + overhead, 2),
+        "llama2_7b_groups_at_library_default": math.ceil(full / DEFAULT_BUDGET_GIB),
+        "naive_llama2_7b_gib": round(2 * full + bases_32, 2),
         "llama2_7b_groups": groups_32,
         "llama2_7b_seconds_this_cpu": round(groups_32 * 32 * per_layer_pass),
     }

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         monitor = [r["prompt"] for r in safeanchor.load_safety_examples("offline", n=50, kind="monitor")]
         callback = safeanchor.SafeAnchorCallback(
             calibration, tokenizer, monitor_prompts=monitor, max_length=192, seed=args.seed,
-            config=safeanchor.SafeAnchorConfig(repair_steps=30, anchor_batch=4))
+            config=safeanchor.SafeAnchorConfig(repair_steps=30, anchor_batch=4, repair_check_every=5))
         callback.stage_examples(examples)  # repair replays this domain's data (projected) with the safety data
         callbacks.append(callback)
 

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Every number in the README's results sections, in the order they were produced (2-core CPU: the
-# whole script takes several hours; each stage resumes if rerun). Stages: STAGES="align compare ..."
+# Every number in the README and docs/ (results.md, benchmarks.md, distributed.md, evaluation.md), in the
+# order they were produced (2-core CPU: the whole script takes several hours; each stage resumes if
+# rerun). Stages: STAGES="align quickstart example compare ..."
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
     align)     # retrain the alignment stage (the quick start merges the committed copy instead)
                $SA align --preset quickstart --set align.artifact= ;;
+    quickstart) # the README's headline table (bash scripts/quickstart.sh runs the same, standard first)
+               $SA run --preset quickstart --method safeanchor,standard --out runs/quickstart ;;
+    example)   # SafeAnchor in a user's own TRL SFTTrainer script, and the same script without it
+               .venv/bin/python examples/sft_with_safeanchor.py --output_dir runs/example-safeanchor --max_steps 30 --domain medical
+               .venv/bin/python examples/sft_with_safeanchor.py --output_dir runs/example-plain --max_steps 30 --domain medical --no-safeanchor ;;
     compare)   # all eight methods, two seeds, two runs at a time
                $SA run --preset quickstart --method $METHODS --seed 0 --jobs 2 --out runs/compare
                $SA run --preset quickstart --method $METHODS --seed 1 --jobs 2 --out runs/compare
@@ -27,7 +33,7 @@ for stage in $STAGES; do
                  --set $o.anchor_projected=true
                $SA run --preset quickstart --method safeanchor --seed 0 --out runs/ablation/paper-csm \
                  --set $o.repair_check_every=0 --set $o.repair_lookalikes=0
-               $SA compare --by-dir runs/compare/standard-seed0 runs/ablation/* runs/compare/safeanchor-seed0 \
+               $SA compare --by-dir runs/compare/standard-seed0 runs/ablation/*/ runs/compare/safeanchor-seed0 \
                  --out runs/ablation ;;
     spectrum)  $SA spectrum --preset quickstart --out runs/spectrum ;;
     suite)     # HumanEval after every step; GCG on the aligned base (CPU budget)
@@ -37,6 +43,8 @@ for stage in $STAGES; do
                $SA eval --model runs/compare/standard-seed0/base_model --tasks harmbench,truthfulqa,bbq,mmlu,medqa,legalbench,composite \
                  --limit 300 --out runs/suite/aligned-base ;;
     overhead)  .venv/bin/python benchmarks/safeanchor_overhead.py
+               .venv/bin/python benchmarks/safeanchor_overhead.py --bf16
+               .venv/bin/python benchmarks/ssi_scale.py
                .venv/bin/python benchmarks/data_parallel.py --steps 5
                for m in safegrad safeanchor; do
                  .venv/bin/python benchmarks/data_parallel.py --steps 5 --method $m --out benchmarks/results/data_parallel_$m.json

@@ -184,3 +184,19 @@ def test_shard_extra_shards_only_a_batch_with_a_row_per_process(tiny):
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 2.0)
     assert Dist(0, 2).reduce_extra([p], 0.25, False) == 0.25 and torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+def test_ssi_examples_sharded_over_two_processes_give_the_same_bases(tmp_path):
+    """SSI with each of 2 gloo processes computing its share of an odd number (11) of calibration examples,
+    in several module groups: the all-gathered per-example gradients give one process's bases."""
+    for nproc in (1, 2):
+        proc = torchrun("dp_ssi_worker.py", nproc, str(tmp_path / f"n{nproc}.pt"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = torch.load(tmp_path / "n1.pt"), torch.load(tmp_path / "n2.pt")
+    assert (one["world"], two["world"]) == (1, 2) and one["bases"].keys() == two["bases"].keys()
+    for n, (v1, lam1, tr1) in one["bases"].items():
+        v2, lam2, tr2 = two["bases"][n]
+        assert v1.shape == v2.shape, n
+        torch.testing.assert_close(v2 @ v2.T, v1 @ v1.T, atol=1e-5, rtol=0, msg=n)
+        torch.testing.assert_close(lam2, lam1, rtol=1e-5, atol=1e-9)
+        assert abs(tr1 - tr2) <= 1e-5 * abs(tr1)

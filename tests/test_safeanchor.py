@@ -433,3 +433,37 @@ def test_a_term_that_cancels_the_task_gradient_cannot_throw_the_weights(tmp_path
                 w.copy_(s)
     assert steps[10.0] <= 25 * lr
     assert steps[0.0] > 100 * lr  # what the cap prevents
+
+
+@pytest.mark.parametrize("reference", ["aligned", "previous"])
+def test_anchor_reference_aligned_or_previous(tmp_path, reference):
+    """anchor_reference 'previous' anchors to the model at the start of the domain (KL 0 there, and equal to
+    the KL against a copy of that model later); 'aligned' to the adapter-disabled model (KL > 0 after a
+    domain of training)."""
+    import copy
+
+    from safeanchor.anchor import anchor_kl
+    from safeanchor.data.chat import response_logits
+
+    ctx, task = _ctx(tmp_path, {"csm": False, "anchor_reference": reference, "gamma": 0.1})
+    ctx.method.prepare(ctx)
+    train_steps(ctx, task, 3, stream=1, method=get_method("standard"))  # domain 1 moved the adapter
+    ctx.method.before_domain(ctx, 2, "tiny")
+    start = copy.deepcopy(ctx.model).eval()
+    term = ctx.method._projector(ctx).terms[0]
+    batch = _anchor_batch(ctx)
+    ctx.model.eval()
+    kl_start = float(anchor_kl(ctx.model, batch, term.reference(ctx.model, batch) if term.reference else None))
+    train_steps(ctx, task, 3, stream=2)  # domain 2 with SafeAnchor (the anchor term inside)
+    ctx.model.eval()
+    ref = term.reference(ctx.model, batch) if term.reference else None
+    kl_later = float(anchor_kl(ctx.model, batch, ref))
+    if reference == "previous":
+        assert abs(kl_start) < 1e-9
+        with torch.no_grad():
+            p0 = torch.log_softmax(response_logits(start, batch)[0], -1)
+            pt = torch.log_softmax(response_logits(ctx.model, batch)[0], -1)
+        assert kl_later == pytest.approx(float((p0.exp() * (p0 - pt)).sum(-1).mean()), rel=1e-4)
+        assert ctx.method.state_dict()["previous"]  # resumable
+    else:
+        assert kl_start > 1e-6 and term.reference is None

@@ -15,6 +15,7 @@ start makes every A-gradient zero there, so the spectrum is that of the B block 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -62,31 +63,46 @@ def spectrum_stats(grads: dict[str, torch.Tensor], rho: float) -> dict:
             "k_median": statistics.median(vals), "per_module": ks, "mean_cumulative_share": mean_curve}
 
 
-def fisher_spectrum(cfg, out: Path, n: int | None = None, rho: float | None = None, progress=print) -> dict:
-    """Compute, write (spectrum.json, spectrum.md, spectrum.png) and return the comparison."""
+def _spectrum_inputs(cfg, n: int | None, progress, need: int | None = None):
+    """(model with a fresh LoRA, tokenizer, encoded examples per source, base dir, domain name): the first
+    ``n`` calibration examples, their random-token twins, and as many of the first domain's. With ``need``,
+    fewer than ``need`` examples of a source is an error, raised before any model loads."""
     from .align import ensure_aligned
     from .data.domains import get_domain
+    from .errors import SafeAnchorError
     from .models import attach_lora, load_model
     from .data.splits import safety_sets
     from .pipeline import seed_everything
 
-    rho = rho if rho is not None else 0.90
-    out.mkdir(parents=True, exist_ok=True)
+    calib, _ = safety_sets(cfg)
+    if n:
+        calib = calib[:n]
+    domain = get_domain(cfg.data.domains[0])
+    examples = domain.load("train", len(calib), seed=cfg.seed)
+    if need is not None and min(len(calib), len(examples)) < need:
+        have = min(len(calib), len(examples))
+        raise SafeAnchorError(f"--sweep-ns {need}: only {have} examples available (calibration source "
+                              f"{cfg.data.safety_source!r}: {len(calib)}, domain {domain.name!r}: {len(examples)}); "
+                              f"sweep sizes up to {have}")
     base_dir = ensure_aligned(cfg, progress=progress) if cfg.aligned else None
     seed_everything(cfg.seed, 0)
     model, tok = load_model(cfg.model, path=str(base_dir) if base_dir else None)
     model = attach_lora(model, cfg.lora)
-    calib, _ = safety_sets(cfg)
-    if n:
-        calib = calib[:n]
-    n = len(calib)
     ml = cfg.train.max_length
     enc = {"calibration": [encode(tok, e["prompt"], e["response"], ml) for e in calib]}
     enc["random"] = _randomised(tok, enc["calibration"], cfg.seed)
-    domain = get_domain(cfg.data.domains[0])
-    enc["domain"] = [encode(tok, e["prompt"], e["response"], ml) for e in domain.load("train", n, seed=cfg.seed)]
+    enc["domain"] = [encode(tok, e["prompt"], e["response"], ml) for e in examples]
+    return model, tok, enc, base_dir, domain.name
+
+
+def fisher_spectrum(cfg, out: Path, n: int | None = None, rho: float | None = None, progress=print) -> dict:
+    """Compute, write (spectrum.json, spectrum.md, spectrum.png) and return the comparison."""
+    rho = rho if rho is not None else 0.90
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok, enc, base_dir, domain = _spectrum_inputs(cfg, n, progress)
+    n = len(enc["calibration"])
     results = {"model": cfg.model.name, "base_model_dir": str(base_dir) if base_dir else None, "rho": rho,
-               "examples": n, "domain": domain.name, "point": "aligned base, fresh LoRA (B = 0)", "sources": {}}
+               "examples": n, "domain": domain, "point": "aligned base, fresh LoRA (B = 0)", "sources": {}}
     for src in SOURCES:
         progress(f"spectrum: per-example gradients on {src} ({len(enc[src])} examples)")
         stats = spectrum_stats(ss.per_sample_grads_chunked(model, enc[src], tok.pad_token_id), rho)
@@ -97,6 +113,195 @@ def fisher_spectrum(cfg, out: Path, n: int | None = None, rho: float | None = No
     _write_md(results, out / "spectrum.md")
     _plot(results, out / "spectrum.png")
     return results
+
+
+def ns_sweep(cfg, out: Path, ns: list[int], rho: float | None = None, progress=print) -> dict:
+    """The spectrum at several calibration sizes N_s in one pass (``safeanchor spectrum --sweep-ns``).
+
+    Per-example gradients are taken once for max(ns) examples of each source; N_s = n uses the first n of
+    them (nested sets: the n-example spectrum is exactly the one ``safeanchor spectrum --examples n`` gives
+    on a calibration draw of max(ns)). Writes ns_sweep.json, ns_sweep.md and ns_sweep.png."""
+    import dataclasses
+
+    from .errors import SafeAnchorError
+
+    rho = rho if rho is not None else 0.90
+    ns = sorted(set(int(x) for x in ns))
+    if not ns or ns[0] < 2:
+        raise SafeAnchorError(f"--sweep-ns needs sizes >= 2 (got {ns}); e.g. --sweep-ns 16,32,64")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, calibration_size=max(ns)))
+    model, tok, enc, base_dir, domain = _spectrum_inputs(cfg, max(ns), progress, need=max(ns))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    grads = {}
+    for src in SOURCES:
+        progress(f"ns-sweep: per-example gradients on {src} ({len(enc[src])} examples)")
+        grads[src] = ss.per_sample_grads_chunked(model, enc[src], tok.pad_token_id)
+    for n in ns:
+        row = {"n_s": n, "sources": {}}
+        for src in SOURCES:
+            st = spectrum_stats({name: g[:n] for name, g in grads[src].items()}, rho)
+            row["sources"][src] = {k: st[k] for k in ("k_mean", "k_median", "k_min", "k_max")}
+            row["sources"][src]["k_share"] = round(st["k_mean"] / n, 4)
+        rows.append(row)
+        progress(f"ns-sweep: N_s = {n}: k mean " + ", ".join(f"{src} {row['sources'][src]['k_mean']}"
+                                                            for src in SOURCES))
+    results = {"model": cfg.model.name, "base_model_dir": str(base_dir) if base_dir else None, "rho": rho,
+               "domain": domain, "point": "aligned base, fresh LoRA (B = 0)", "ns": ns, "rows": rows}
+    (out / "ns_sweep.json").write_text(json.dumps(results, indent=2))
+    names = {"calibration": "safety calibration", "random": "random tokens", "domain": f"domain ({domain})"}
+    lines = [f"# Fisher spectrum against N_s ({cfg.model.name}, rho = {rho})", "",
+             f"Eigenvectors per LoRA module for {rho:.0%} of tr(F_i) (mean, median, min-max; k/N_s = mean k over "
+             f"N_s), at {results['point']}. Nested sets: N_s = n is the first n examples.", "",
+             "| N_s | " + " | ".join(names[s] for s in SOURCES) + " | " + " | ".join(f"{s} k/N_s" for s in SOURCES)
+             + " |", "|---:|" + "---|" * (2 * len(SOURCES))]
+    for row in rows:
+        cells = [f"{v['k_mean']} ({v['k_median']}, {v['k_min']}-{v['k_max']})" for v in row["sources"].values()]
+        shares = [f"{v['k_share']:.2f}" for v in row["sources"].values()]
+        lines.append(f"| {row['n_s']} | " + " | ".join(cells + shares) + " |")
+    (out / "ns_sweep.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for src in SOURCES:
+        ax.plot(ns, [r["sources"][src]["k_mean"] for r in rows], marker="o", label=names[src])
+    ax.plot(ns, ns, color="grey", linestyle=":", linewidth=1, label="k = N_s")
+    ax.set_xlabel("N_s (examples)")
+    ax.set_ylabel(f"eigenvectors for {rho:.0%} of tr(F), mean")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "ns_sweep.png", dpi=110)
+    plt.close(fig)
+    return results
+
+
+# -- subspace drift: principal angles between successive safety bases ------------------------------------
+def _basis_versions(run_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in (Path(run_dir) / "state").glob("safety_basis_v*.safetensors"):
+        m = re.fullmatch(r"safety_basis_v(\d+)\.safetensors", path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def subspace_drift(run_dir: Path, out: Path, progress=print) -> dict:
+    """Principal angles and Grassmann distance between SafeAnchor's safety bases after successive updates
+    (``<run>/state/safety_basis_v<k>.safetensors``, written each time the subspace changes): per
+    transition (v_k -> v_k+1, and v_1 -> v_k) the mean / max over modules, and per module the mean / max
+    distance over transitions and the mean cos of the principal angles. Writes subspace_drift.json,
+    subspace_drift.md and subspace_drift.png."""
+    from .errors import SafeAnchorError
+    from .safety_subspace import SafetySubspace
+
+    run_dir, out = Path(run_dir), Path(out)
+    versions = _basis_versions(run_dir)
+    if len(versions) < 2:
+        raise SafeAnchorError(f"{run_dir / 'state'} holds {len(versions)} safety_basis_v<k>.safetensors file(s); "
+                              f"drift needs two or more: pass the directory of a SafeAnchor run that finished a domain")
+    labels = {}
+    res_path = run_dir / "results.json"
+    if res_path.is_file():  # v1 = SSI on the base; with no in-domain refresh, v(t+1) = after domain t
+        domains = json.loads(res_path.read_text()).get("domains", [])
+        if len(versions) == len(domains) + 1 and [v for v, _ in versions] == list(range(1, len(domains) + 2)):
+            labels = {1: "SSI (base)", **{t + 2: f"after {d}" for t, d in enumerate(domains)}}
+    bases = {}
+    for v, path in versions:
+        bases[v] = SafetySubspace.load(path).bases
+        progress(f"subspace-drift: v{v} ({labels.get(v, path.name)}): {len(bases[v])} modules")
+    first = versions[0][0]
+
+    def compare(a: int, b: int) -> dict:
+        per = {}
+        for name in sorted(set(bases[a]) & set(bases[b])):
+            va, vb = bases[a][name].basis, bases[b][name].basis
+            theta = ss.principal_angles(va, vb)
+            per[name] = {"grassmann": float(theta.norm()), "mean_cos": float(torch.cos(theta).mean()) if len(theta)
+                         else 1.0, "k": [int(va.shape[1]), int(vb.shape[1])]}
+        d = [x["grassmann"] for x in per.values()]
+        c = [x["mean_cos"] for x in per.values()]
+        return {"from": a, "to": b, "from_label": labels.get(a, f"v{a}"), "to_label": labels.get(b, f"v{b}"),
+                "modules": len(per), "grassmann_mean": round(statistics.fmean(d), 4) if d else None,
+                "grassmann_max": round(max(d), 4) if d else None,
+                "mean_cos": round(statistics.fmean(c), 4) if c else None,
+                "k_mean": [round(statistics.fmean(x["k"][i] for x in per.values()), 2) if per else None
+                           for i in (0, 1)], "per_module": per}
+
+    vs = [v for v, _ in versions]
+    successive = [compare(a, b) for a, b in zip(vs, vs[1:])]
+    from_first = [compare(first, b) for b in vs[1:]]
+    modules = sorted({m for t in successive for m in t["per_module"]})
+    per_module = {}
+    for m in modules:
+        d = [t["per_module"][m]["grassmann"] for t in successive if m in t["per_module"]]
+        c = [t["per_module"][m]["mean_cos"] for t in successive if m in t["per_module"]]
+        per_module[m] = {"grassmann_mean": round(statistics.fmean(d), 4), "grassmann_max": round(max(d), 4),
+                         "mean_cos": round(statistics.fmean(c), 4), "transitions": len(d)}
+    results = {"run": str(run_dir), "versions": [{"version": v, "file": p.name, "label": labels.get(v, f"v{v}")}
+                                                  for v, p in versions],
+               "successive": [{k: v for k, v in t.items() if k != "per_module"} for t in successive],
+               "from_first": [{k: v for k, v in t.items() if k != "per_module"} for t in from_first],
+               "per_module": per_module,
+               "definition": "principal angles theta_j between span V_a and span V_b (min(k_a, k_b) of them); "
+                             "Grassmann distance ||theta||_2; mean cos = mean_j cos theta_j (1 = same subspace)"}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "subspace_drift.json").write_text(json.dumps(results, indent=2))
+    _drift_md(results, out / "subspace_drift.md")
+    _drift_plot(results, out / "subspace_drift.png")
+    return results
+
+
+def _drift_md(results: dict, path: Path) -> None:
+    lines = [f"# Safety-subspace drift ({results['run']})", "", results["definition"] + ".", "",
+             "| transition | modules | mean k (from -> to) | Grassmann distance mean | max | mean cos |",
+             "|---|---:|---|---:|---:|---:|"]
+    for kind, rows in (("successive", results["successive"]), ("from the first", results["from_first"])):
+        for t in rows:
+            lines.append(f"| {t['from_label']} -> {t['to_label']} ({kind}) | {t['modules']} | "
+                         f"{t['k_mean'][0]} -> {t['k_mean'][1]} | {t['grassmann_mean']} | {t['grassmann_max']} | "
+                         f"{t['mean_cos']} |")
+    pm = results["per_module"]
+    d = [v["grassmann_mean"] for v in pm.values()]
+    lines += ["", f"Per module, over the {len(results['successive'])} successive transition(s) "
+              f"({len(pm)} modules; the 10 that moved most, then the mean over all):", "",
+              "| module | Grassmann distance mean | max | mean cos |", "|---|---:|---:|---:|"]
+    for name, v in sorted(pm.items(), key=lambda kv: -kv[1]["grassmann_mean"])[:10]:
+        lines.append(f"| {name} | {v['grassmann_mean']} | {v['grassmann_max']} | {v['mean_cos']} |")
+    if pm:
+        lines.append(f"| mean over modules | {statistics.fmean(d):.4f} | "
+                     f"{statistics.fmean(v['grassmann_max'] for v in pm.values()):.4f} | "
+                     f"{statistics.fmean(v['mean_cos'] for v in pm.values()):.4f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _drift_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for kind, rows, style in (("successive", results["successive"], "-o"),
+                              ("from the first", results["from_first"], "--s")):
+        xs = list(range(1, len(rows) + 1))
+        left.plot(xs, [t["grassmann_mean"] for t in rows], style, label=f"{kind}: mean over modules")
+        left.plot(xs, [t["grassmann_max"] for t in rows], style, alpha=0.4, label=f"{kind}: max")
+    left.set_xticks(range(1, len(results["successive"]) + 1),
+                    [t["to_label"] for t in results["successive"]], fontsize=7, rotation=20)
+    left.set_ylabel("Grassmann distance")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    right.hist([v["mean_cos"] for v in results["per_module"].values()], bins=20)
+    right.set_xlabel("mean cos of principal angles, per module (successive)")
+    right.set_ylabel("LoRA modules")
+    fig.suptitle("Safety-subspace drift between versions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _write_md(results: dict, path: Path) -> None:

@@ -42,6 +42,21 @@ def aligned_logits(model, batch: dict) -> torch.Tensor:
         return response_logits(model, batch)[0]
 
 
+def snapshot_logits(model, batch: dict, snapshot: dict) -> torch.Tensor:
+    """Response-position logits of the model with the weights in ``snapshot`` (parameter -> saved values,
+    e.g. the LoRA weights at the start of the current domain): swapped in, no gradient, eval mode, and
+    swapped back. The anchor to "the model before this domain" without a second model copy."""
+    with torch.no_grad(), _eval_mode(model):
+        current = {p: p.detach().clone() for p in snapshot}
+        try:
+            for p, v in snapshot.items():
+                p.copy_(v)
+            return response_logits(model, batch)[0]
+        finally:
+            for p, v in current.items():
+                p.copy_(v)
+
+
 def anchor_kl(model, batch: dict, reference_logits: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p_aligned || p_theta), mean over the batch's response tokens, as a scalar tensor whose gradient
     is the closed form (p_theta - p_aligned) / T in the logits (module docstring)."""

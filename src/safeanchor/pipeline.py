@@ -144,6 +144,8 @@ class _Recorder:
                             for name, res in report["tasks"].items()}
             if "composite_safety" in report:
                 out["composite_safety"] = report["composite_safety"]
+            if isinstance(report.get("composite"), dict):  # Eq. 8's formula and recorded inputs (or why not)
+                out["composite"] = {k: v for k, v in report["composite"].items() if k != "data"}
         out["eval_seconds"] = round(time.time() - t0, 1)
         return out
 

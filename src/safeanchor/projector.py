@@ -52,7 +52,7 @@ class SafetyTerm:
     """
 
     def __init__(self, kind: Literal["anchor_kl", "nll"], batches: SafetyBatches, weight: float, name: str | None = None,
-                 dist=None, autocast=None):
+                 dist=None, autocast=None, reference=None):
         if kind not in ("anchor_kl", "nll"):
             raise SafeAnchorError(f"unknown safety term {kind!r}; use anchor_kl or nll")
         from .distributed import Dist
@@ -61,13 +61,18 @@ class SafetyTerm:
         self.name = name or kind
         self.dist = dist or Dist()
         self.autocast = autocast or contextlib.nullcontext  # () -> context, e.g. the trainer's bf16 autocast
+        self.reference = reference  # anchor_kl: (model, batch) -> reference logits; None = the aligned model
 
     def gradients(self, model, weights: list[torch.Tensor]) -> tuple[list[torch.Tensor | None], float]:
         """(d weight*loss / d w for each of ``weights``, the loss value) on the stream's next batch."""
         batch, share, sharded = self.dist.shard_extra(self.batches.next(weights[0].device))
         with torch.enable_grad():
             with self.autocast():
-                loss = anchor_kl(model, batch) if self.kind == "anchor_kl" else mean_token_nll(model, batch)
+                if self.kind == "anchor_kl":
+                    ref = self.reference(model, batch) if self.reference is not None else None
+                    loss = anchor_kl(model, batch, ref)
+                else:
+                    loss = mean_token_nll(model, batch)
             if self.dist.any(not bool(torch.isfinite(loss).all())):
                 raise SafeAnchorError(f"{self.name} loss is {float(loss)} (not finite, here or in another process); "
                                       f"lower the learning rate or check the safety data for empty responses")

@@ -1,7 +1,10 @@
-"""results.md (trajectory table like the paper's) and refusal.png from results.json; comparison.md.
+"""results.md (trajectory table like the paper's) and refusal.png from results.json; comparison.md,
+comparison.json and comparison.png over several runs (the statistics are stats.py's).
 
 Refusal and over-refusal come from the refusal judge; a "harmful response %" column (and line in the
-plot) appears when the run had a harm judge (``eval.harm_judge``)."""
+plot) appears when the run had a harm judge (``eval.harm_judge``), composite safety (Eq. 8) and its
+inputs when the run's suite computed it, and every rate carries its 95% interval (Wilson for one run;
+the bootstrap of stats.py over runs and prompts in comparisons)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,14 +14,52 @@ def _has_harm(results: dict) -> bool:
     return any(s.get("harmful_response_rate") is not None for s in results["steps"])
 
 
+def _has_composite(results: dict) -> bool:
+    return any(s.get("composite_safety") is not None for s in results["steps"])
+
+
+def composite_cells(step: dict) -> list[str]:
+    """Composite safety (Eq. 8) and its three recorded inputs (HarmBench score, TruthfulQA, BBQ bias)."""
+    inputs = (step.get("composite") or {}).get("inputs") or {}
+    suite = step.get("suite") or {}
+    fallback = {"harmbench": (suite.get("harmbench") or {}).get("score"),
+                "truthfulqa": (suite.get("truthfulqa") or {}).get("mc2"),
+                "bbq_bias": (suite.get("bbq") or {}).get("bias")}
+    vals = [step.get("composite_safety")] + [(inputs.get(k) or {}).get("value", fallback[k]) if inputs else fallback[k]
+                                             for k in ("harmbench", "truthfulqa", "bbq_bias")]
+    return ["n/a" if v is None else f"{v:.1f}" for v in vals]
+
+
+def composite_note(results: dict) -> str:
+    """One line: the composite's formula and what each input is (metric, judge, definition), from the last
+    step that recorded them."""
+    from .suite.composite import FORMULA
+
+    step = next((s for s in reversed(results["steps"]) if (s.get("composite") or {}).get("inputs")), None)
+    if step is None:
+        return (f"Composite safety (Eq. 8) = {FORMULA}, from each step's suite (harmbench score, truthfulqa mc2, "
+                f"bbq bias).")
+    inp = step["composite"]["inputs"]
+    judge = (inp.get("harmbench", {}).get("judge") or {}).get("name", "?")
+    return (f"Composite safety (Eq. 8) = {step['composite'].get('formula', FORMULA)}; inputs: HarmBench "
+            f"{inp.get('harmbench', {}).get('metric')} (judge {judge}), TruthfulQA "
+            f"{inp.get('truthfulqa', {}).get('metric')}, "
+            f"BBQ bias ({inp.get('bbq_bias', {}).get('definition')}).")
+
+
 def trajectory_rows(results: dict) -> list[str]:
-    """The trajectory table; a "harmful response %" column (the harm judge's) when the run had one."""
+    """The trajectory table; a "harmful response %" column (the harm judge's) when the run had one, composite
+    safety and its inputs when the suite computed it, and the Wilson 95% interval of every rate (last columns)."""
+    from .stats import wilson_pct, fmt_ci
+
     steps = results["steps"]
     domains = results["domains"]
-    harm = _has_harm(results)
+    harm, comp = _has_harm(results), _has_composite(results)
+    cis = ["refusal", "over-refusal"] + (["harmful response"] if harm else [])
     head = ("| after | refusal % | Δ pts | over-refusal % | " + ("harmful response % | " if harm else "")
-            + " | ".join(f"{d} score" for d in domains) + " |")
-    rows = [head, "|" + "---|" * (4 + harm + len(domains))]
+            + ("composite safety | HarmBench | TruthfulQA | BBQ bias | " if comp else "")
+            + " | ".join(f"{d} score" for d in domains) + " | " + " | ".join(f"{c} 95% CI" for c in cis) + " |")
+    rows = [head, "|" + "---|" * (4 + harm + 4 * comp + len(domains) + len(cis))]
     prev = None
     for s in steps:
         delta = "" if prev is None else f"{s['refusal_rate'] - prev:+.1f}"
@@ -26,8 +67,13 @@ def trajectory_rows(results: dict) -> list[str]:
         scores = " | ".join(f"{s['domain_scores'].get(d, float('nan')):.1f}" for d in domains)
         hr = s.get("harmful_response_rate")
         harm_cell = ("n/a | " if hr is None else f"{hr:.1f} | ") if harm else ""
+        comp_cell = " | ".join(composite_cells(s)) + " | " if comp else ""
+        intervals = [wilson_pct(s["refusal_rate"], s.get("n_probe")),
+                     wilson_pct(s["over_refusal_rate"], s.get("n_benign"))]
+        if harm:
+            intervals.append(wilson_pct(hr, s.get("n_probe")))
         rows.append(f"| {s['after']} | {s['refusal_rate']:.1f} | {delta} | {s['over_refusal_rate']:.1f} | {harm_cell}"
-                    f"{scores} |")
+                    f"{comp_cell}{scores} | " + " | ".join(fmt_ci(c) for c in intervals) + " |")
     return rows
 
 
@@ -70,7 +116,10 @@ def write_report(run_dir: Path, results: dict) -> None:
              f"prompts that sound dangerous.", "",
              *trajectory_rows(results), "",
              f"Refusal {s['base_refusal']:.1f}% -> {s['final_refusal']:.1f}% ({retained} of the aligned base "
-             f"retained, {s['pts_per_step']:+.1f} pts/step). Domain score = held-out response-token accuracy %.", ""]
+             f"retained, {s['pts_per_step']:+.1f} pts/step). Domain score = held-out response-token accuracy %. "
+             f"Intervals: Wilson 95% for a proportion of the n prompts.", ""]
+    if _has_composite(results):
+        lines += [composite_note(results), ""]
     (run_dir / "results.md").write_text("\n".join(lines))
     plot_refusal(run_dir / "refusal.png", {results["method"]: results})
 
@@ -90,9 +139,13 @@ def plot_refusal(path: Path, runs: dict[str, dict]) -> None:
         if _has_harm(res):
             ax.plot(range(len(xs)), [s.get("harmful_response_rate", float("nan")) for s in res["steps"]], marker="^",
                     linestyle="--", label=f"{name} harmful response")
+        if _has_composite(res):
+            ax.plot(range(len(xs)), [s.get("composite_safety") if s.get("composite_safety") is not None
+                                     else float("nan") for s in res["steps"]], marker="s", linestyle="-.",
+                    label=f"{name} composite safety")
         ax.set_xticks(range(len(xs)), xs)
     ax.set_ylim(-3, 103)
-    ax.set_ylabel("% of prompts")
+    ax.set_ylabel("% of prompts (composite: score)")
     ax.set_xlabel("after")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -101,17 +154,62 @@ def plot_refusal(path: Path, runs: dict[str, dict]) -> None:
     plt.close(fig)
 
 
-def compare(out: Path, runs: dict) -> Path:
-    """comparison.md (+ comparison.png) over several runs: mean ± sample std (ddof 1) over seeds per method."""
+def _cell(d: dict | None, digits: int = 1, ci: bool = True) -> str:
+    """mean ± sd [lo, hi] of a stats summary entry."""
+    from .stats import fmt_ci
+
+    if not d or d.get("mean") is None:
+        return "n/a"
+    text = f"{d['mean']:.{digits}f}" + ("" if d.get("sd") is None else f" ± {d['sd']:.{digits}f}")
+    return text + (f" {fmt_ci(d.get('ci'), digits)}" if ci and d.get("ci") is not None else "")
+
+
+def _diff_cell(d: dict | None) -> str:
+    from .stats import fmt_ci
+
+    if not d:
+        return "n/a"
+    return f"{d['diff']:+.1f} {fmt_ci(d['ci'])}" + ("" if d["distinguishable"] else " n.d.")
+
+
+def compare(out: Path, runs: dict, dirs: dict | None = None, n_boot: int | None = None,
+            boot_seed: int | None = None) -> Path:
+    """comparison.md, comparison.json and comparison.png over several runs.
+
+    ``runs``: key -> results dict, where ``key[0]`` (or the key itself) is the row label (method, or directory
+    for --by-dir) and the rest tells runs apart (seed, ordering); ``dirs``: the same keys -> run directory,
+    whose generations/ files give the bootstrap its per-prompt labels (without them, labels are rebuilt
+    from each rate and its n). Mean ± sample std (ddof 1) over the runs of a label, 95% intervals
+    (stats.py), the per-step trajectory and slopes, ordering invariance, CSM trigger rates, the domain-score
+    cost against Standard and every pairwise difference."""
+    import json
+
     import numpy as np
 
-    by_method: dict[str, list[dict]] = {}
-    for (method, _seed), res in runs.items():
-        by_method.setdefault(method, []).append(res)
+    from . import stats as st
+
+    groups: dict[str, list] = {}
+    keys: dict[str, list] = {}
+    for key, res in runs.items():
+        label = key[0] if isinstance(key, tuple) else key
+        gen = st.load_generations(dirs[key], res) if dirs and key in dirs else None
+        groups.setdefault(label, []).append(st.RunData(res, gen))
+        keys.setdefault(label, []).append(key)
+    data = st.compare_stats(groups, n_boot or st.N_BOOT, st.BOOT_SEED if boot_seed is None else boot_seed)
+    methods = data["methods"]
+    by_method = {m: [r.results for r in rs] for m, rs in groups.items()}
     harm = any(_has_harm(r) for r in runs.values())
+    comp = any(_has_composite(r) for r in runs.values())
+    multi_order = any(len(s["orderings"]) > 1 for s in methods.values())
+    extra = (["domain score − Standard [95% CI]"] + (["final composite safety"] if comp else [])
+             + (["orderings"] if multi_order else [])
+             + ["base refusal 95% CI", "final refusal 95% CI", "final over-refusal 95% CI"]
+             + (["base harmful response 95% CI", "final harmful response 95% CI"] if harm else [])
+             + (["final composite 95% CI"] if comp else []) + ["mean final domain score 95% CI"])
     lines = ["| method | seeds | base refusal % | final refusal % | % retained | pts/step | final over-refusal % | "
              + ("base harmful response % | final harmful response % | " if harm else "")
-             + "mean final domain score | train s | wall s |", "|" + "---|" * (10 + 2 * harm)]
+             + "mean final domain score | train s | wall s | " + " | ".join(extra) + " |",
+             "|" + "---|" * (10 + 2 * harm + len(extra))]
 
     def ms(values):
         values = [v for v in values if v is not None]
@@ -119,22 +217,200 @@ def compare(out: Path, runs: dict) -> Path:
             return "n/a"
         return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
+    def ci_of(method, metric, which):
+        from .stats import fmt_ci
+
+        m = methods[method].get(metric)
+        return fmt_ci(m[which].get("ci")) if m else "n/a"
+
     for method, results in by_method.items():
+        summ = methods[method]
         sums = [summary(r) for r in results]
-        final_scores = [float(np.mean(list(r["steps"][-1]["domain_scores"].values()))) for r in results]
+        final_scores = [st.final_domain_score(r) for r in results]
         train_s = [sum(s.get("train", {}).get("seconds", 0) for s in r["steps"]) for r in results]
         wall_s = [wall_seconds(r) for r in results]
-        lines.append(f"| {method} | {len(results)} | {ms([s['base_refusal'] for s in sums])} | "
+        cost = summ["domain_score"].get("cost_vs_standard")
+        cells = [("reference" if method == data["standard"] else _diff_cell(cost))]
+        if comp:
+            cells.append(_cell(summ.get("composite_safety", {}).get("final"), ci=False))
+        if multi_order:
+            cells.append(str(len(summ["orderings"])))
+        cells += [ci_of(method, "refusal_rate", "base"), ci_of(method, "refusal_rate", "final"),
+                  ci_of(method, "over_refusal_rate", "final")]
+        if harm:
+            cells += [ci_of(method, "harmful_response_rate", "base"), ci_of(method, "harmful_response_rate", "final")]
+        if comp:
+            cells.append(ci_of(method, "composite_safety", "final"))
+        cells.append(st.fmt_ci(summ["domain_score"]["final_mean"].get("ci")))
+        lines.append(f"| {method} | {len(summ['seeds'])} | {ms([s['base_refusal'] for s in sums])} | "
                      f"{ms([s['final_refusal'] for s in sums])} | {ms([s['retained_pct'] for s in sums])} | "
                      f"{ms([s['pts_per_step'] for s in sums])} | "
                      f"{ms([r['steps'][-1]['over_refusal_rate'] for r in results])} | "
                      + (f"{ms([r['steps'][0].get('harmful_response_rate') for r in results])} | "
                         f"{ms([r['steps'][-1].get('harmful_response_rate') for r in results])} | " if harm else "")
-                     + f"{ms(final_scores)} | {ms(train_s)} | {ms(wall_s)} |")
-    lines += ["", "Trajectories (first seed of each method):", ""]
+                     + f"{ms(final_scores)} | {ms(train_s)} | {ms(wall_s)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Mean ± sample sd over each method's runs (seeds x orderings). 95% intervals: Wilson for one "
+              f"run's proportion, else a seeded percentile bootstrap over runs and prompts "
+              f"({data['interval']['replicates']} replicates, seed {data['interval']['seed']}); n.d. = not "
+              f"distinguishable (the interval of the difference contains 0).", ""]
+    lines += _trajectory_tables(data)
+    lines += _invariance_table(data) if multi_order else []
+    lines += _csm_table(data)
+    lines += _cost_table(data)
+    lines += _composite_table(data, by_method) if comp else []
+    lines += _difference_table(data)
+    lines += ["Trajectories (first run of each method):", ""]
     for method, results in by_method.items():
-        lines += [f"**{method}**", "", *trajectory_rows(results[0]), ""]
-    path = Path(out) / "comparison.md"
+        lines += [f"**{method}** ({' -> '.join(results[0]['domains'])}, seed {results[0]['seed']})", "",
+                  *trajectory_rows(results[0]), ""]
+    out = Path(out)
+    path = out / "comparison.md"
     path.write_text("\n".join(lines))
-    plot_refusal(Path(out) / "comparison.png", {m: r[0] for m, r in by_method.items()})
+    (out / "comparison.json").write_text(json.dumps(data, indent=2))
+    plot_comparison(out / "comparison.png", data)
     return path
+
+
+def _common_steps(data: dict) -> list[str]:
+    labels = {tuple(s["steps"]) for s in data["methods"].values()}
+    if len(labels) == 1:
+        return list(next(iter(labels)))
+    n = max(len(s["steps"]) for s in data["methods"].values())
+    return ["base", *[str(t) for t in range(1, n)]]
+
+
+def _trajectory_tables(data: dict) -> list[str]:
+    steps = _common_steps(data)
+    head = ["base" if s == "base" else f"after {s}" for s in steps]
+    lines = []
+    for metric in data["metrics"]:
+        from .stats import LABELS
+
+        lines += [f"### {LABELS[metric]} after each step (mean ± sd [95% CI])", "",
+                  "| method | runs | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+        for method, s in data["methods"].items():
+            if metric not in s:
+                continue
+            cells = [_cell(e) for e in s[metric]["trajectory"]]
+            lines.append(f"| {method} | {s['runs']} | " + " | ".join(cells + [""] * (len(head) - len(cells))) + " |")
+        lines += ["", f"Per-step slope of {LABELS[metric]} (points per step, mean ± sd; a growing magnitude is "
+                  f"acceleration):", "",
+                  "| method | " + " | ".join(f"step {t}" for t in range(1, len(steps))) + " | overall pts/step |",
+                  "|---|" + "---|" * len(steps)]
+        for method, s in data["methods"].items():
+            if metric not in s:
+                continue
+            cells = [_cell(e, ci=False) for e in s[metric]["slopes"]]
+            lines.append(f"| {method} | " + " | ".join(cells + [""] * (len(steps) - 1 - len(cells)))
+                         + f" | {_cell(s[metric]['pts_per_step'], ci=False)} |")
+        lines.append("")
+    return lines
+
+
+def _invariance_table(data: dict) -> list[str]:
+    from .stats import LABELS
+
+    lines = ["### Ordering invariance (final value)", "",
+             "cross_ordering_sd: sd over orderings of each ordering's mean final value; within_ordering_seed_sd: "
+             "mean over orderings of the sd over seeds. Invariance to the order of domains: the first is no "
+             "larger than the second.", "",
+             "| method | metric | orderings | seeds per ordering | cross_ordering_sd | within_ordering_seed_sd |",
+             "|---|---|---|---|---|---|"]
+    for method, s in data["methods"].items():
+        for metric in data["metrics"]:
+            if metric in s:
+                m = s[metric]
+                fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+                lines.append(f"| {method} | {LABELS[metric]} | {m['n_orderings']} | "
+                             f"{', '.join(map(str, m['seeds_per_ordering']))} | {fmt(m['cross_ordering_sd'])} | "
+                             f"{fmt(m['within_ordering_seed_sd'])} |")
+    return lines + [""]
+
+
+def _csm_table(data: dict) -> list[str]:
+    rates = {m: s["csm_trigger_rate"] for m, s in data["methods"].items() if s["csm_trigger_rate"]}
+    if not rates:
+        return []
+    domains = list(dict.fromkeys(d for r in rates.values() for d in r if d != "all")) + ["all"]
+    lines = ["### CSM trigger rate per domain (runs whose monitor fell below the threshold after that domain)", "",
+             "| method | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for method, r in rates.items():
+        cells = [f"{r[d]['triggered']}/{r[d]['n']} ({100 * r[d]['rate']:.0f}%)" if d in r else "n/a" for d in domains]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _cost_table(data: dict) -> list[str]:
+    std = data["standard"]
+    lines = [f"### Domain-task cost against Standard (mean final domain score minus {std or 'Standard'}'s; "
+             "bootstrap over runs)", "", "| method | mean final domain score [95% CI] | minus Standard [95% CI] |",
+             "|---|---|---|"]
+    for method, s in data["methods"].items():
+        cost = s["domain_score"].get("cost_vs_standard")
+        lines.append(f"| {method} | {_cell(s['domain_score']['final_mean'])} | "
+                     f"{'reference' if method == std else _diff_cell(cost) if std else 'n/a (no Standard run)'} |")
+    return lines + [""]
+
+
+def _composite_table(data: dict, by_method: dict) -> list[str]:
+    lines = ["### Composite safety (Eq. 8), final step", "",
+             "| method | composite safety [95% CI] | HarmBench | TruthfulQA | BBQ bias |", "|---|---|---|---|---|"]
+    note = ""
+    for method, s in data["methods"].items():
+        if "composite_safety" not in s:
+            continue
+        inp = s.get("composite_inputs") or {}
+        lines.append(f"| {method} | {_cell(s['composite_safety']['final'])} | "
+                     + " | ".join(_cell(inp.get(k), ci=False) for k in ("harmbench", "truthfulqa", "bbq_bias")) + " |")
+        note = note or composite_note(by_method[method][0])
+    return lines + ["", note, ""]
+
+
+def _difference_table(data: dict) -> list[str]:
+    from .stats import LABELS
+
+    if not data["differences"]:
+        return []
+    metrics = [m for m in data["metrics"] if any(d["metric"] == m for d in data["differences"])]
+    pairs = list(dict.fromkeys((d["a"], d["b"]) for d in data["differences"]))
+    index = {(d["a"], d["b"], d["metric"]): d for d in data["differences"]}
+    lines = ["### Differences between methods, final value (A minus B [95% CI]; n.d. = not distinguishable)", "",
+             "| A | B | " + " | ".join(LABELS[m] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for a, b in pairs:
+        lines.append(f"| {a} | {b} | " + " | ".join(_diff_cell(index.get((a, b, m))) for m in metrics) + " |")
+    return lines + [""]
+
+
+def plot_comparison(path: Path, data: dict) -> None:
+    """One panel per metric: each method's mean per step with its 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .stats import LABELS
+
+    metrics = data["metrics"]
+    steps = _common_steps(data)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method, s in data["methods"].items():
+            if metric not in s:
+                continue
+            traj = s[metric]["trajectory"]
+            xs = list(range(len(traj)))
+            mean = [e["mean"] if e["mean"] is not None else float("nan") for e in traj]
+            line, = ax.plot(xs, mean, marker="o", label=f"{method} (n={s['runs']})")
+            lo = [e["ci"][0] if e.get("ci") else float("nan") for e in traj]
+            hi = [e["ci"][1] if e.get("ci") else float("nan") for e in traj]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.set_xticks(range(len(steps)), steps, fontsize=7)
+        ax.set_ylim(-3, 103)
+        ax.set_title(LABELS[metric], fontsize=9)
+        ax.set_xlabel("after")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean over runs, 95% band")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -28,18 +28,35 @@ MergeMode = Literal["weighted", "residual", "union"]
 TraceNorm = Literal["none", "max", "mean"]
 
 
-DEFAULT_BUDGET_GIB = 2.0  # per-example gradients held at once during SSI
+DEFAULT_BUDGET_GIB = 1.5  # per-example gradients held at once during SSI (benchmarks/ssi_scale.py)
+
+
+def _gather_rows(g: torch.Tensor, n: int, dist) -> torch.Tensor:
+    """Every process's rows ``rank::world`` of an [N, P] matrix -> the whole matrix, in example order."""
+    per = -(-n // dist.world)
+    padded = torch.zeros(per, g.shape[1], dtype=g.dtype, device=g.device)
+    padded[: g.shape[0]] = g
+    parts = [torch.empty_like(padded) for _ in range(dist.world)]
+    torch.distributed.all_gather(parts, padded)
+    out = torch.empty(n, g.shape[1], dtype=g.dtype, device=g.device)
+    for r, part in enumerate(parts):
+        rows = len(range(r, n, dist.world))
+        out[r::dist.world] = part[:rows]
+    return out
 
 
 def safety_gradients(model, examples: list[dict], tokenizer, max_length: int = 512, chunk: int = 8,
-                     adapter_name: str = "default", memory_budget_gib: float = DEFAULT_BUDGET_GIB):
+                     adapter_name: str = "default", memory_budget_gib: float = DEFAULT_BUDGET_GIB, dist=None):
     """Per-example scores g_n, one LoRA module at a time: yields (name, G [N, P_i]) (dropout off).
 
     All N rows of a module are needed at once (its N x N Gram matrix), but not all modules: modules are
     taken in groups whose N x P_i float32 rows fit in ``memory_budget_gib``, one pass over the examples
     per group (``subspace.module_groups``). Llama-2-7B with r 16 on q/k/v/o and N = 500 needs 31 GiB
-    for all 128 modules at once; within a 2 GiB budget it is 16 passes of about 2 GiB each.
-    G is kept on the model's device, so the eigendecomposition runs there too.
+    for all 128 modules at once; within the default 1.5 GiB budget it is 21 passes, and SSI's peak is
+    about 3.7 GiB above the model (benchmarks/ssi_scale.py).
+    G is kept on the model's device, so the eigendecomposition runs there too. With a data-parallel
+    ``dist`` each process computes the rows of its share of the examples (``rank::world``) and one
+    all-gather per module completes G on every process: the same bases, 1 / world of the passes' work.
     """
     encoded = [encode(tokenizer, e["prompt"], e["response"], max_length) for e in examples]
     encoded = [e for e in encoded if any(lbl != -100 for lbl in e["labels"])]
@@ -51,11 +68,16 @@ def safety_gradients(model, examples: list[dict], tokenizer, max_length: int = 5
         raise SafeAnchorError("the model has no LoRA layers; wrap it with peft.get_peft_model(model, LoraConfig(...)) "
                               "before computing its safety subspace")
     device = next(model.parameters()).device
+    sharded = dist is not None and dist.active
+    mine = encoded[dist.rank::dist.world] if sharded else encoded
     for group in ss.module_groups(modules, len(encoded), memory_budget_gib * 2**30):
-        grads = ss.per_sample_grads_chunked(model, encoded, tokenizer.pad_token_id, chunk, modules=group,
-                                            store_device=device)
+        grads = ss.per_sample_grads_chunked(model, mine, tokenizer.pad_token_id, chunk, modules=group,
+                                            store_device=dist.device if sharded and dist.device is not None
+                                            else device) if mine else \
+            {n: torch.zeros(0, a.weight.numel() + b.weight.numel(), device=device) for n, (a, b) in group.items()}
         for name in list(grads):
-            yield name, grads.pop(name)
+            g = grads.pop(name)
+            yield name, _gather_rows(g, len(encoded), dist) if sharded else g
 
 
 def _on(basis: ss.FisherBasis, device) -> ss.FisherBasis:
@@ -73,15 +95,17 @@ class SafetySubspace:
     @classmethod
     def compute(cls, model, examples: list[dict], tokenizer, *, rho: float = 0.90, max_length: int = 512,
                 chunk: int = 8, max_rank: int | None = None, adapter_name: str = "default",
-                memory_budget_gib: float = DEFAULT_BUDGET_GIB) -> "SafetySubspace":
+                memory_budget_gib: float = DEFAULT_BUDGET_GIB, dist=None) -> "SafetySubspace":
         """SSI at the model's current point: V_i covers ``rho`` of tr F_i (at most ``max_rank`` columns);
-        per-example gradients are held for at most ``memory_budget_gib`` at once (``safety_gradients``)."""
-        grads = safety_gradients(model, examples, tokenizer, max_length, chunk, adapter_name, memory_budget_gib)
+        per-example gradients are held for at most ``memory_budget_gib`` at once, and a data-parallel
+        ``dist`` shares the examples out (``safety_gradients``)."""
+        grads = safety_gradients(model, examples, tokenizer, max_length, chunk, adapter_name, memory_budget_gib,
+                                 dist)
         return cls({n: ss.fisher_basis(g, rho, max_rank=max_rank) for n, g in grads}, rho, max_rank)
 
     def refresh(self, model, examples: list[dict], tokenizer, *, merge: MergeMode = "weighted", max_length: int = 512,
                 chunk: int = 8, adapter_name: str = "default",
-                memory_budget_gib: float = DEFAULT_BUDGET_GIB) -> "SafetySubspace":
+                memory_budget_gib: float = DEFAULT_BUDGET_GIB, dist=None) -> "SafetySubspace":
         """SSI again at the model's current point, merged with this subspace (a new object).
 
         ``weighted``: eigendecomposition of F_old + F_new from the stored factors (``subspace.merge_weighted``);
@@ -90,7 +114,8 @@ class SafetySubspace:
         trace = tr(F_old) + tr(F_new), the summed Fisher's, so alpha means the same whatever the mode."""
         if merge not in ("weighted", "residual", "union"):
             raise SafeAnchorError(f"unknown merge {merge!r}; use weighted, residual or union")
-        grads = safety_gradients(model, examples, tokenizer, max_length, chunk, adapter_name, memory_budget_gib)
+        grads = safety_gradients(model, examples, tokenizer, max_length, chunk, adapter_name, memory_budget_gib,
+                                 dist)
         merged = {}
         for n, g in grads:
             old = self.bases.get(n)

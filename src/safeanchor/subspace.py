@@ -347,8 +347,11 @@ def _gram(g: torch.Tensor) -> torch.Tensor:
 
 
 def _gt_times(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """G^T U (P x k) in float64, block by block over the columns of G."""
-    return torch.cat([g[:, j:j + _COLUMN_BLOCK].double().T @ u for j in range(0, g.shape[1], _COLUMN_BLOCK)])
+    """G^T U (P x k) in float64, block by block over the columns of G, into one preallocated tensor."""
+    out = torch.empty(g.shape[1], u.shape[1], dtype=torch.float64, device=g.device)
+    for j in range(0, g.shape[1], _COLUMN_BLOCK):
+        torch.matmul(g[:, j:j + _COLUMN_BLOCK].double().T, u, out=out[j:j + _COLUMN_BLOCK])
+    return out
 
 
 def _orthonormalise(v: torch.Tensor) -> torch.Tensor:
@@ -359,12 +362,15 @@ def _orthonormalise(v: torch.Tensor) -> torch.Tensor:
     """
     if v.shape[1] == 0:
         return v
-    idx = v.abs().argmax(0)
+    # in place where the tensors are this function's own: at 7B shape each P x k float64 copy is ~0.5 GB
+    idx = torch.maximum(v.max(0).values, -v.min(0).values)  # max |v| per column, without a |v| copy
+    idx = torch.where(v.max(0).values >= idx, v.argmax(0), v.argmin(0))
     sign = torch.sign(v.gather(0, idx.unsqueeze(0))).squeeze(0)
     v = v * torch.where(sign == 0, torch.ones_like(sign), sign)
     q, r = torch.linalg.qr(v)
+    del v
     d = torch.sign(torch.diagonal(r))
-    return q * torch.where(d == 0, torch.ones_like(d), d)
+    return q.mul_(torch.where(d == 0, torch.ones_like(d), d))
 
 
 def _gram_eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -400,7 +406,7 @@ def fisher_basis(G: torch.Tensor, rho: float = 0.90, rel_eps: float = 1e-10,
     if max_rank is not None:
         k = min(k, max_rank)
     lam_k = lam[:k]
-    v = _gt_times(G, u[:, :k]) / torch.sqrt(lam_k * n)
+    v = _gt_times(G, u[:, :k]).div_(torch.sqrt(lam_k * n))
     return FisherBasis(_orthonormalise(v).float(), lam_k.cpu().clone(), trace, n)
 
 

@@ -1,6 +1,7 @@
 """The training step and the per-domain loop: readable top to bottom, resumable, deterministic."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -39,6 +40,12 @@ class Context:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def autocast(self):
+        """The training forward's precision context: bf16 autocast with ``train.mixed_precision: bf16``."""
+        if getattr(self.cfg.train, "mixed_precision", "no") == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

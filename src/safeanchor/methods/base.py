@@ -89,9 +89,10 @@ class Method:
         task_total, pen_total, has_pen = 0.0, 0.0, False
         for batch in micro_batches:
             part, weight = ctx.dist.shard(batch)
-            task = weight * mean_token_nll(ctx.model, part)
-            pen = self.penalty(ctx)
-            loss = task if pen is None else task + pen
+            with ctx.autocast():  # forward only; the backward below runs outside autocast
+                task = weight * mean_token_nll(ctx.model, part)
+                pen = self.penalty(ctx)
+                loss = task if pen is None else task + pen
             ctx.check_finite(loss, "training loss")
             ctx.backward(loss / n)
             task_total += task.item() / n

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..anchor import SafetyBatches
+from ..anchor import SafetyBatches, snapshot_logits
 from ..monitor import RepairSettings, SafetyMonitor, aligned_answers, builtin_lookalikes, monitor_and_repair
 from ..projector import SafetyProjector, SafetyTerm
 from ..safety_subspace import SafetySubspace
@@ -69,6 +69,11 @@ class SafeAnchorConfig(MethodConfig):
                                 "update is split off (its own first-moment EMA over the shared second moment) and "
                                 "left unprojected")
     anchor_batch: int = _h(4, "calibration examples per step for the anchor KL", check=">=1")
+    anchor_reference: Literal["aligned", "previous"] = _h(
+        "aligned", "p_ref of the anchor KL: 'aligned' (the model before any domain, the adapter disabled: the paper's "
+        "choice, and the only one that bounds the cumulative drift from the safe model) or 'previous' (the model "
+        "at the start of the current domain: anchors each domain to the last, so safety lost earlier is not pulled "
+        "back)")
     csm: bool = _h(True, "cumulative safety monitoring with repair replay")
     tau: float = _h(0.05, "CSM tolerance: repair when s_t < (1 - tau) s_0 (paper: 0.05)", check="[0,1)")
     beta: float = _h(1.0, "weight of the safety loss in repair replay (paper: 1.0)", check=">=0")
@@ -90,9 +95,9 @@ class SafeAnchorConfig(MethodConfig):
     refresh_every: int = _h(0, "also recompute + merge the subspace every N steps inside a domain (0 = only "
                             "after domains, as the paper); fixes the B = 0 start", check=">=0")
     ssi_chunk: int = _h(8, "calibration examples per batched forward/backward in SSI", check=">=1")
-    ssi_memory_gib: float = _h(2.0, "per-example gradients SSI holds at once (GiB): modules are processed in groups "
+    ssi_memory_gib: float = _h(1.5, "per-example gradients SSI holds at once (GiB): modules are processed in groups "
                                "that fit, one pass over the calibration set per group (Llama-2-7B, r 16, N_s 500: "
-                               "31 GiB for all modules at once)", check=">0")
+                               "31 GiB for all modules at once; 21 passes and a ~3.7 GiB peak at 1.5)", check=">0")
     max_rank: int = _h(0, "cap on basis size per module (0 = no cap)", check=">=0")
 
 
@@ -113,6 +118,7 @@ class SafeAnchor(Method):
         self.projector: SafetyProjector | None = None
         self._ema: dict = {}  # the projector's anchor EMA, restored before the projector exists
         self._bases_version, self._bases_file = 0, None
+        self._previous: dict = {}  # anchor_reference 'previous': LoRA tensors at the start of the domain
 
     @property
     def bases(self):
@@ -121,7 +127,7 @@ class SafeAnchor(Method):
     # -- parts ----------------------------------------------------------------------------------------
     def _ssi_kwargs(self, ctx) -> dict:
         return {"max_length": ctx.cfg.train.max_length, "chunk": self.options.ssi_chunk,
-                "memory_budget_gib": self.options.ssi_memory_gib}
+                "memory_budget_gib": self.options.ssi_memory_gib, "dist": ctx.dist}
 
     def _set_subspace(self, subspace: SafetySubspace, ctx=None) -> None:
         """Use ``subspace`` from now on; with a run directory, its bases go to a file once (checkpoints then
@@ -149,13 +155,24 @@ class SafeAnchor(Method):
             if o.gamma > 0:
                 batches = SafetyBatches(ctx.calibration, ctx.tokenizer, o.anchor_batch, ctx.cfg.seed, ANCHOR_STREAM,
                                         ctx.cfg.train.max_length, "safety calibration examples (anchor)")
-                terms.append(SafetyTerm("anchor_kl", batches, o.gamma, name="anchor_kl", dist=ctx.dist))
+                reference = self._previous_logits if o.anchor_reference == "previous" else None
+                terms.append(SafetyTerm("anchor_kl", batches, o.gamma, name="anchor_kl", dist=ctx.dist,
+                                        autocast=ctx.autocast, reference=reference))
             self.projector = SafetyProjector(ctx.model, self.subspace, {n: 1.0 - a for n, a in self.alpha.items()},
                                              mode=o.project, terms=terms, project_terms=o.anchor_projected)
             self.projector.load_state_dict({"ema": self._ema})
         for term in self.projector.terms:
             term.batches.position = self.step_count  # the anchor's batch k is the run's optimizer step k
         return self.projector
+
+    def _previous_logits(self, model, batch):
+        """anchor_reference 'previous': the reference logits of the model at the start of the current domain."""
+        names = dict(model.named_parameters())
+        return snapshot_logits(model, batch, {names[n]: v.to(names[n].device) for n, v in self._previous.items()})
+
+    def before_domain(self, ctx, t: int, domain: str) -> None:
+        if self.options.anchor_reference == "previous":
+            self._previous = {n: p.detach().cpu().clone() for n, p in ctx.model.named_parameters() if "lora_" in n}
 
     def spectrum(self) -> dict:
         return {**self.subspace.spectrum(self.alpha), "alpha": {n: round(a, 4) for n, a in self.alpha.items()}}
@@ -225,7 +242,7 @@ class SafeAnchor(Method):
     def state_dict(self) -> dict:
         ema = self.projector.state_dict()["ema"] if self.projector is not None else self._ema
         state = {"s0": self.s0, "step_count": self.step_count, "lookalikes": self.lookalikes, "anchor_m": ema,
-                 "bases_version": self._bases_version}
+                 "bases_version": self._bases_version, "previous": self._previous}
         if self._bases_file is not None:
             state["bases_file"] = self._bases_file  # under <run>/state/, written when the subspace changed
         else:
@@ -248,6 +265,7 @@ class SafeAnchor(Method):
         self.s0 = state.get("s0")
         self.step_count = state.get("step_count", 0)
         self.lookalikes = state.get("lookalikes", [])
+        self._previous = dict(state.get("previous", {}))
         self._ema = dict(state.get("anchor_m", {}))
         if self.projector is not None:
             self.projector.load_state_dict({"ema": self._ema})

@@ -111,11 +111,13 @@ class SafeGrad(Method):
         ~1e-9 of the task gradient) that would turn the conflict test and cosine into noise.
         """
         if self.options.align_loss == "nll":
-            loss = mean_token_nll(ctx.model, batch)
+            with ctx.autocast():
+                loss = mean_token_nll(ctx.model, batch)
             ctx.check_finite(loss, "SafeGrad alignment loss (nll)")
             ctx.backward(weight * loss)
             return weight * loss.item()
-        kl = anchor_kl(ctx.model, batch)
+        with ctx.autocast():
+            kl = anchor_kl(ctx.model, batch)
         ctx.check_finite(kl, "SafeGrad alignment loss (kl)")
         ctx.backward(weight * kl)
         return weight * kl.item()

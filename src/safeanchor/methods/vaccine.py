@@ -170,7 +170,8 @@ class _VaccineStep(Method):
         modules = attention_modules(ctx.model)
         logs = {"loss": 0.0, "clean_loss": 0.0, "hidden_grad_norm": 0.0}
         for batch in micro_batches:
-            out = vaccine_backward(ctx.model, batch, self.options.rho, 1.0 / n, modules, ctx.backward)
+            with ctx.autocast():  # both passes' forwards (their backwards run inside: Vaccine needs dL/dh first)
+                out = vaccine_backward(ctx.model, batch, self.options.rho, 1.0 / n, modules, ctx.backward)
             ctx.check_finite(out["loss"], "Vaccine perturbed loss")
             logs["loss"] += float(out["loss"]) / n
             logs["clean_loss"] += float(out["clean_loss"]) / n

@@ -198,13 +198,7 @@ def _eval_run(args) -> int:
             del model
         report = json.loads((folder / "metrics.json").read_text())
         rows.append((step["after"], report))
-    metrics = sorted({(t, m) for _, rep in rows for t, res in rep["tasks"].items() for m, v in res.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and m in _HEADLINE.get(t, ())})
-    lines = [f"# {results['method']} seed {results['seed']}: {', '.join(tasks)} after every step", "",
-             "| after | " + " | ".join(f"{t} {m}" for t, m in metrics) + " |", "|---|" + "---|" * len(metrics)]
-    for after, rep in rows:
-        vals = [rep["tasks"].get(t, {}).get(m) for t, m in metrics]
-        lines.append(f"| {after} | " + " | ".join("" if v is None else f"{v:.2f}" for v in vals) + " |")
+    lines = trajectory_lines(results, tasks, rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trajectory.md").write_text("\n".join(lines) + "\n")
     (out / "trajectory.json").write_text(json.dumps(
@@ -219,8 +213,39 @@ def _eval_run(args) -> int:
 
 # metrics shown in a --run trajectory table (everything is in trajectory.json)
 _HEADLINE = {"harmbench": ("score", "asr"), "humaneval": ("pass@1",), "truthfulqa": ("mc1", "mc2"),
-             "bbq": ("bias",), "mmlu": ("acc",), "medqa": ("acc",), "legalbench": ("acc",),
+             "bbq": ("bias",), "mmlu": ("acc",), "medqa": ("acc",), "legalbench": ("balanced_accuracy",),
              "gcg": ("refusal_rate_clean", "refusal_rate_attack", "asr"), "wildguard": ("harmful_response_rate",)}
+_PROPORTIONS = {("harmbench", "score"), ("harmbench", "asr"), ("mmlu", "acc"), ("medqa", "acc"),
+                ("humaneval", "pass@1"), ("wildguard", "harmful_response_rate")}
+
+
+def trajectory_lines(results: dict, tasks: list[str], rows: list[tuple[str, dict]]) -> list[str]:
+    """The --run trajectory table: each step's headline metrics, and composite safety (Eq. 8) whenever a
+    step's report has it (its inputs are the harmbench / truthfulqa / bbq columns; which metric and
+    definition each is goes in the line under the table)."""
+    metrics = sorted({(t, m) for _, rep in rows for t, res in rep["tasks"].items() for m, v in res.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and m in _HEADLINE.get(t, ())})
+    from ..stats import fmt_ci, wilson_pct
+
+    comp = any("composite_safety" in rep for _, rep in rows)
+    props = [tm for tm in metrics if tm in _PROPORTIONS]  # % of the task's n items: a Wilson 95% interval each
+    lines = [f"# {results['method']} seed {results['seed']}: {', '.join(tasks)} after every step", "",
+             "| after | " + " | ".join([f"{t} {m}" for t, m in metrics] + (["composite safety"] if comp else [])
+                                      + [f"{t} {m} 95% CI" for t, m in props]) + " |",
+             "|---|" + "---|" * (len(metrics) + comp + len(props))]
+    for after, rep in rows:
+        vals = [rep["tasks"].get(t, {}).get(m) for t, m in metrics] + ([rep.get("composite_safety")] if comp else [])
+        cis = [fmt_ci(wilson_pct(rep["tasks"].get(t, {}).get(m), rep["tasks"].get(t, {}).get("n")), 2)
+               for t, m in props]
+        lines.append(f"| {after} | " + " | ".join(["" if v is None else f"{v:.2f}" for v in vals] + cis) + " |")
+    last = next((rep["composite"] for _, rep in reversed(rows)
+                 if isinstance(rep.get("composite"), dict) and "inputs" in rep["composite"]), None)
+    if last:
+        inp = last["inputs"]
+        lines += ["", f"composite safety = {last['formula']} with HarmBench {inp['harmbench']['metric']} (judge "
+                  f"{(inp['harmbench'].get('judge') or {}).get('name')}), TruthfulQA {inp['truthfulqa']['metric']}, "
+                  f"BBQ bias ({inp['bbq_bias']['definition']})."]
+    return lines
 
 
 def run_eval(args) -> int:
