@@ -235,3 +235,16 @@ def test_two_gloo_processes_under_ddp_equal_one(tmp_path):
     assert kl1 > 0 and abs(kl1 - kl2) <= 1e-4 * kl1
     for k, v in one["lora"].items():
         torch.testing.assert_close(two["lora"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_callback_anchor_reference_previous_anchors_to_the_stage_start(tmp_path):
+    """anchor_reference 'previous' in the callback: the anchor's reference is the model as train begins,
+    so its KL at the first step of a stage is 0 although the adapter is far from the aligned model."""
+    calib, task = _data(0)
+    options = {"csm": False, "incremental": False, "anchor_reference": "previous", "gamma": 0.5}
+    cfg = _cfg(options)
+    _, cb = _callback_run(cfg, calib, task, 0, tmp_path)
+    first = cb.records[0]["logs"]["anchor_kl"]
+    options_aligned = {**options, "anchor_reference": "aligned"}
+    _, cb_aligned = _callback_run(cfg, calib, task, 0, tmp_path, options_aligned)
+    assert first < cb_aligned.records[0]["logs"]["anchor_kl"]  # B was randomised: far from aligned, near start

@@ -22,6 +22,7 @@ rank 0). Refused at train begin: DeepSpeed (ZeRO partitions gradients and optimi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import replace
 
@@ -44,6 +45,11 @@ def _unsupported_setup(args) -> str | None:
         return ("SafeAnchorCallback does not support FSDP: its flat, sharded parameters hide each LoRA module's "
                 "gradient; train with DDP (LoRA on a 7B model in bf16 fits on one GPU per process)")
     return None
+
+
+def _reference_of(model, batch, snapshot):
+    """anchor_reference 'previous': logits of the model with the stage's starting LoRA weights."""
+    return snapshot_logits(model, batch, snapshot)
 
 
 class SafeAnchorCallback(TrainerCallback):
@@ -118,8 +124,8 @@ class SafeAnchorCallback(TrainerCallback):
             batches.position = self._anchor_position
             reference = None
             if o.anchor_reference == "previous":  # the model as this stage starts
-                snapshot = {p: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-                reference = lambda m, b: snapshot_logits(m, b, snapshot)  # noqa: E731
+                reference = functools.partial(_reference_of, snapshot={
+                    p: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
             terms.append(SafetyTerm("anchor_kl", batches, o.gamma, name="anchor_kl", autocast=self._autocast(args),
                                     reference=reference))
         self.projector = SafetyProjector(model, self.subspace, {n: 1.0 - a for n, a in alpha.items()}, mode=o.project,
@@ -145,7 +151,8 @@ class SafeAnchorCallback(TrainerCallback):
             return
         o, model = self.config, self._peft(model)
         self.projector.detach()
-        self._anchor_position = sum(t.batches.position for t in self.projector.terms[:1]) or self._anchor_position
+        if self.projector.terms:  # the next stage's anchor continues the calibration stream
+            self._anchor_position = self.projector.terms[0].batches.position
         record = self.records[-1]
         record["steps"] = len(self._logs)
         keys = sorted({k for logs in self._logs for k in logs})
