@@ -202,13 +202,15 @@ class SafetyProjector:
             out[n] = ss.project_out(vec, basis, self.strengths.get(n, 1.0)) if self.mode != "none" else vec
         return out, (sum(fractions) / len(fractions) if fractions else None)
 
-    def _grad_vecs(self) -> dict[str, torch.Tensor]:
-        return {n: torch.cat([b.weight.grad.reshape(-1), a.weight.grad.reshape(-1)])
-                for n, (a, b) in self.modules.items() if a.weight.grad is not None and b.weight.grad is not None}
-
-    def _write_grads(self, vecs: dict[str, torch.Tensor]) -> None:
-        for n, vec in vecs.items():
+    @torch.no_grad()
+    def _project_grads(self) -> float | None:
+        """Project every module's .grad (vec([B; A])) in place; the mean fraction inside before projection."""
+        grads = {n: ss.flat_grad(a, b) for n, (a, b) in self.modules.items()
+                 if a.weight.grad is not None and b.weight.grad is not None}
+        projected, frac = self._project(grads)
+        for n, vec in projected.items():
             ss.set_flat_grad(*self.modules[n], vec)
+        return frac
 
     def _add_terms(self) -> dict[str, torch.Tensor]:
         """Each term's gradient, summed per weight (keys "<module>.A" / "<module>.B"); logs their losses."""
@@ -238,16 +240,12 @@ class SafetyProjector:
     def _pre(self, optimizer, args, kwargs) -> None:
         self.logs = {}
         bypass = not self.project_terms
-        if self.mode == "gradient" and bypass:
-            with torch.no_grad():
-                projected, frac = self._project(self._grad_vecs())
-                self._write_grads(projected)
-            self._apply(self._add_terms())
-        elif self.mode == "gradient":
-            self._apply(self._add_terms())
-            with torch.no_grad():
-                projected, frac = self._project(self._grad_vecs())
-                self._write_grads(projected)
+        if self.mode == "gradient":  # the terms join before the projection only when they are projected too
+            if not bypass:
+                self._apply(self._add_terms())
+            frac = self._project_grads()
+            if bypass:
+                self._apply(self._add_terms())
         else:
             terms = self._add_terms()
             self._apply(terms)

@@ -146,7 +146,7 @@ class SafeAnchor(Method):
         self.alpha = subspace.alpha(o.lam, o.trace_norm, o.strict)
         if self.projector is not None:
             self.projector.subspace = subspace.to(next(self.projector.model.parameters()).device)
-            self.projector.strengths = {n: 1.0 - a for n, a in self.alpha.items()}
+            self.projector.strengths = self._strengths()
 
     def _projector(self, ctx) -> SafetyProjector:
         if self.projector is None:
@@ -158,7 +158,7 @@ class SafeAnchor(Method):
                 reference = self._previous_logits if o.anchor_reference == "previous" else None
                 terms.append(SafetyTerm("anchor_kl", batches, o.gamma, name="anchor_kl", dist=ctx.dist,
                                         autocast=ctx.autocast, reference=reference))
-            self.projector = SafetyProjector(ctx.model, self.subspace, {n: 1.0 - a for n, a in self.alpha.items()},
+            self.projector = SafetyProjector(ctx.model, self.subspace, self._strengths(),
                                              mode=o.project, terms=terms, project_terms=o.anchor_projected)
             self.projector.load_state_dict({"ema": self._ema})
         for term in self.projector.terms:
@@ -173,6 +173,10 @@ class SafeAnchor(Method):
     def before_domain(self, ctx, t: int, domain: str) -> None:
         if self.options.anchor_reference == "previous":
             self._previous = {n: p.detach().cpu().clone() for n, p in ctx.model.named_parameters() if "lora_" in n}
+
+    def _strengths(self) -> dict[str, float]:
+        """OSCA's projection strength s_i = 1 - alpha_i per module."""
+        return {n: 1.0 - a for n, a in self.alpha.items()}
 
     def spectrum(self) -> dict:
         return {**self.subspace.spectrum(self.alpha), "alpha": {n: round(a, 4) for n, a in self.alpha.items()}}
@@ -226,7 +230,7 @@ class SafeAnchor(Method):
                                       batch_size=ctx.cfg.train.batch_size, mode=o.project)
             rec["csm"] = monitor_and_repair(self._monitor(ctx), ctx.model, ctx.tokenizer,
                                             ctx.domain_examples[ctx.current_domain], self._repair_data(ctx),
-                                            self.subspace, {n: 1.0 - a for n, a in self.alpha.items()}, settings,
+                                            self.subspace, self._strengths(), settings,
                                             ctx.cfg.train, seed=ctx.cfg.seed, stage=t, dist=ctx.dist)
         if o.incremental and o.project != "none":
             self._refresh(ctx)
