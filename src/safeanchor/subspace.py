@@ -8,7 +8,7 @@ Conventions (the rest of the library relies on them)
   log-likelihood summed over tokens (not HF's batch-mean loss), with dropout off. It is minus the
   gradient of that example's summed NLL; the sign is irrelevant for F, projections and fractions.
 - The empirical (uncentred) Fisher is F = G^T G / N with G = [g_1; ...; g_N] (N x P). It is never
-  formed: its eigenpairs come from the N x N Gram matrix K = G G^T / N (methods-notes section 10).
+  formed: its eigenpairs come from the N x N Gram matrix K = G G^T / N.
 - A basis is V (P x k) with orthonormal columns; projection is g - s V (V^T g), never with V V^T.
 """
 from __future__ import annotations
@@ -441,7 +441,7 @@ def fraction_in_subspace(u: torch.Tensor, basis) -> float:
     return float((v.to(u.device, torch.float64).T @ u).norm()) / norm
 
 
-# -- merging bases across domains (methods-notes 8.4) --------------------------------------------------
+# -- merging bases across domains --------------------------------------------------
 
 def _check_same_p(old: FisherBasis, p: int) -> None:
     if old.basis.shape[0] != p:
@@ -544,7 +544,7 @@ def merge_union(old: FisherBasis, new: FisherBasis, sigma_min: float = 1e-3) -> 
     [V_old | V_new] = W S Z^T with both blocks orthonormal, so sigma lies in [0, sqrt(2)] whatever the
     Fisher eigenvalues were (identical directions: sqrt(2) and 0; orthogonal ones: 1). Keeping every
     sigma > sigma_min is the deduplicated union of the two spans (the public code's rho cut on sigma^2
-    instead trims about 10% of the union arbitrarily, methods-notes 1.3 item 9).
+    instead trims about 10% of the union arbitrarily).
     eigenvalues = sigma^2 (in [0, 2]; not Fisher energies); trace = new.trace as in the public code.
     """
     _check_same_p(old, new.basis.shape[0])

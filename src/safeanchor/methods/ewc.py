@@ -9,9 +9,9 @@ to the task loss, with the empirical diagonal Fisher from PER-EXAMPLE scores
     F_ij = (1/N) sum_n (d log p(y_n | x_n) / d theta_ij)^2       (log p summed over response tokens)
 
 (subspace.per_sample_grads; squaring a batch-mean gradient, as every public EWC-on-LoRA code does,
-underestimates F by about the batch size and mixes examples: methods-notes 6(d)).
+underestimates F by about the batch size and mixes examples).
 
-Which Fisher and anchor (``fisher_data``, ``online``; methods-notes 6(e)):
+Which Fisher and anchor (``fisher_data``, ``online``):
 - ``safety`` (default, "Safety-EWC"): F on the safety calibration set (harmful prompt -> refusal) at
   the aligned model theta_0 (fresh LoRA), anchor theta* = theta_0, computed once in ``prepare``. The
   baseline this library compares against is about keeping safety, so the Fisher is the safety one.

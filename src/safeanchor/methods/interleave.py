@@ -4,7 +4,7 @@ Rule: ordinary SFT on D_t plus safety demonstrations (harmful prompt -> refusal)
 ``domain_data`` builds, for every domain t, the mixture of its n examples and k safety examples and
 shuffles it with a generator seeded by (run seed, t), so the mixture (and a resumed run's) is a pure
 function of the inputs. Mixing at the dataset level makes the ratio exact (per-batch concatenation,
-as the public SafeAnchor code does, gives 1/9 = 11% with batch 8: methods-notes 7(d)).
+as the public SafeAnchor code does, gives 1/9 = 11% with batch 8).
 
     relative_to = "mixture" (default):  k / (n + k) = ratio,  k ~= ratio * n / (1 - ratio)
     relative_to = "domain":             k / n = ratio,        k ~= ratio * n

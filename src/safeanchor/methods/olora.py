@@ -9,7 +9,7 @@ with its own s = alpha / r) and frozen. The loss is
 
 with A_old = [A_1; ...; A_{t-1}] (r (t-1) x d_in) the frozen factors of the same module and A_t the
 trained one. In PEFT's convention ``lora_A`` spans the input (row) space, so the term pushes each
-domain's update into input directions the earlier domains did not use (methods-notes 3(a)).
+domain's update into input directions the earlier domains did not use.
 
 Choices the paper leaves open, as options:
 - ``orth_norm``: "l1" (default) sums |entries| as the official code (cmnfriend/O-LoRA

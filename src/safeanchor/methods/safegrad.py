@@ -8,9 +8,9 @@ batch to read g_a, and writes back
          = g_u                                   otherwise            onto the normal plane of g_a)
     g    = g_u' + lambda_a * g_a
 
-Clipping (train.max_grad_norm) then applies to g, i.e. after the surgery (methods-notes 5(d)).
+Clipping (train.max_grad_norm) then applies to g, i.e. after the surgery.
 
-Choices (the paper's code is not public; methods-notes 5 and 13 list what is inferred):
+Choices (the paper's code is not public; each inferred choice is an option below):
 - ``align_loss``: ``kl`` (default, the paper's alignment loss) is KL(p_aligned || p_theta) per response
   token, mean over tokens, on a batch of calibration examples (harmful prompt -> refusal); p_aligned is
   the same model with the adapter disabled (``ctx.model.disable_adapter()``, no second model copy),

@@ -17,7 +17,7 @@ Diagnostic ``pdst`` = mean over modules of 1 / (1 + ||D - C D||_F) (the official
 "> 0.8 is better"). A module whose V is zero (alignment did not touch it) has no direction to
 project onto: it is reported in ``no_alignment`` and never projected.
 
-Sequential use (methods-notes 2(e)): Safe LoRA is post hoc and one-shot; here it runs after each
+Sequential use: Safe LoRA is post hoc and one-shot; here it runs after each
 domain on the run's single adapter. C ("paper") is not idempotent, so projecting the whole B after
 every domain would multiply earlier domains' updates by C again and again. Default
 ``project_increment=True`` projects only this domain's increment D = B_t - B_{t-1} (B_{t-1} is the

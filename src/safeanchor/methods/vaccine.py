@@ -18,7 +18,7 @@ Hooked modules are matched by behaviour, not by class: every outermost module wh
 official code lists LlamaAttention/OPTAttention only and misses Mistral. The perturbed tensor is the
 hidden-state output (``output[0]`` of the tuple, or the output itself).
 
-Sequential use (methods-notes 4(e)). ``prepare`` runs ``steps`` perturbation-aware steps on the safety
+Sequential use. ``prepare`` runs ``steps`` perturbation-aware steps on the safety
 calibration set (harmful prompt -> refusal, the analogue of Vaccine's BeaverTails safe pairs) with the
 run's own LoRA; the domains are then plain sequential LoRA (no per-step change, as Vaccine's
 fine-tuning stage is plain SFT). Defaults and choices:
@@ -32,7 +32,7 @@ fine-tuning stage is plain SFT). Defaults and choices:
 - ``merge`` = False: the vaccination LoRA is the adapter the domains continue (the repo's
   ``single_lora`` scripts). Every stage is then a standard PEFT adapter on the shared aligned base,
   ``disable_adapter()`` still gives the aligned base (reference for KL-style terms and evaluation),
-  and every method of the library continues one adapter (methods-notes 12.1). ``merge=True`` is
+  and every method of the library continues one adapter. ``merge=True`` is
   Vaccine's default "double LoRA": s B A is added to the frozen base weights after vaccination and the
   LoRA restarts (A Kaiming, B = 0); the vaccinated base then exists only in this run (saved as
   ``vaccine_adapter/`` and in the method state; ``load_state_dict`` re-merges it on resume), and the
