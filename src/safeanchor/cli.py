@@ -385,7 +385,9 @@ def dry_run(plan: list, out: Path, args) -> str:
     rule = (f"train.steps_per_domain {tc.steps_per_domain}" if tc.steps_per_domain else
             f"epochs {tc.epochs:g} x examples / (batch {tc.batch_size} x accumulation {tc.grad_accum})")
     lines += [f"training: epochs {tc.epochs:g}{' (not used: steps are fixed)' if tc.steps_per_domain else ''}; steps "
-              f"per domain = {rule}; lr {tc.lr:g}, max_length {tc.max_length}", "domains, in order:"]
+              f"per domain = {rule}; lr {tc.lr:g}, max_length {tc.max_length}; precision "
+              + ("bf16 autocast, fp32 LoRA weights and optimizer state" if tc.mixed_precision == "bf16" else
+                 f"{cfg.model.dtype} (train.mixed_precision: no)"), "domains, in order:"]
     for t, d in enumerate(domains, 1):
         first, *rest = _domain_plan(cfg, d)
         lines += [f"  {t}. {first}", *[f"  {r}" for r in rest]]
@@ -402,7 +404,8 @@ def dry_run(plan: list, out: Path, args) -> str:
     lines += [f"evaluation: probe {probe_txt} HarmBench standard behaviours; over-refusal "
               f"{min(ec.benign_size, benign)} of {benign} benign look-alikes; greedy, {ec.max_new_tokens} new tokens, batch {ec.batch_size}"
               + (f"; suite tasks {', '.join(ec.tasks)}" + (f" (limit {ec.task_limit})" if ec.task_limit else "")
-                 if ec.tasks else ""),
+                 if ec.tasks else "")
+              + (f"; held-out styles {', '.join(ec.heldout_sets)} ({ec.heldout_size} each)" if ec.heldout_sets else ""),
               "judges:",
               f"  refusal (refusal_rate, over_refusal_rate): {_judge_plan(ec.refusal_judge)}",
               f"  harm (harmful_response_rate): {_judge_plan(ec.harm_judge)}",

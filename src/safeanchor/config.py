@@ -175,6 +175,23 @@ def _source(kind: str):
     return check
 
 
+def _heldout(value, key) -> None:
+    from .data.safety import HELDOUT_SETS
+
+    bad = [v for v in value if v not in HELDOUT_SETS]
+    if bad:
+        raise SafeAnchorError(f"config key {key!r} names unknown set(s) {bad}; use any of {', '.join(HELDOUT_SETS)}")
+
+
+def _holdout(value, key) -> None:
+    from .data.safety import POOL_SOURCES
+
+    bad = [v for v in value if v not in POOL_SOURCES]
+    if bad:
+        raise SafeAnchorError(f"config key {key!r} names unknown harmful source(s) {bad}; the training pool's "
+                              f"sources are {', '.join(POOL_SOURCES)}")
+
+
 def _judge(role: str):
     def check(value, key) -> None:
         from .judges import check_judge
@@ -264,6 +281,12 @@ class EvalConfig:
     monitor_size: int = _f(100, "monitor prompts used (the first N of data.monitor_source); 0 = all of them",
                            check=">=0")
     benign_size: int = _f(90, "held-out benign-but-dangerous-sounding prompts for over-refusal", check=">=1")
+    heldout_sets: list = _f([], "harmful sets in styles the alignment stage never trained on, measured after every "
+                            "step besides the HarmBench probe (heldout_refusal_rate, refusal_by_set): any of "
+                            "direct_questions (ours: short direct questions), pasttense, futuretense (JailbreakBench "
+                            "reformulations)", check=_heldout)
+    heldout_size: int = _f(48, "prompts of each eval.heldout_sets set (a prefix; direct_questions is ordered round-"
+                           "robin over its 16 categories)", check=">=1")
     refusal_judge: str = _f("keyword", "the judge of refusal_rate and over_refusal_rate (did the model decline?): "
                             "'keyword' (offline refusal phrases) | 'wildguard-refusal' (allenai/wildguard's refusal "
                             "answer) | 'wildguard-refusal:<local dir>'; a harm judge here is an error",
@@ -337,6 +360,13 @@ class AlignConfig:
                    check=">=0")
     artifact: str = _f("", "alignment adapter to merge instead of training: a directory with adapter files and "
                        "ARTIFACT.json, or 'builtin:NAME' for one committed in the package; '' = train")
+    holdout_sources: list = _f([], "harmful sources of the training pool left out of the alignment SFT and measured "
+                               "as unseen styles (any of harmful_selfwritten, harmful_direct_train_selfwritten, "
+                               "strongreject, advbench)", check=_holdout)
+    validation_size: int = _f(100, "prompts per held-out harmful source in the alignment validation (the HarmBench "
+                              "probe, our direct questions and the look-alikes are measured whole)", check=">=1")
+    helpfulness_limit: int = _f(0, "items of TruthfulQA MC2 and MMLU scored before and after alignment (stratified "
+                                "sample; 0 = skip, the quick check)", check=">=0")
 
 
 @dataclass

@@ -90,9 +90,14 @@ def _score_counts(model, tokenizer, examples: list[dict], max_length: int, batch
 
 
 def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[str], domain_evals: dict,
-                  out_file: Path | None = None, dist=None, harm_judge=None) -> dict:
+                  out_file: Path | None = None, dist=None, harm_judge=None,
+                  heldout: dict[str, list[str]] | None = None) -> dict:
     """One step's numbers (module docstring). ``judge``: the refusal judge (refusal and over-refusal);
-    ``harm_judge``: None, or the harm judge of ``harmful_response_rate`` on the probe completions."""
+    ``harm_judge``: None, or the harm judge of ``harmful_response_rate`` on the probe completions;
+    ``heldout``: set name -> harmful prompts in styles never trained on (``eval.heldout_sets``), giving
+    ``heldout_refusal_rate`` (all of them pooled), ``n_heldout`` and ``refusal_by_set`` (each set and the
+    probe, with 95% Wilson intervals)."""
+    from .stats import wilson
     from .errors import SafeAnchorError
 
     if judge.measures != "refusal":
@@ -108,6 +113,11 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
                                    "eval harmful", dist)
     benign_records = generate_judged(model, tokenizer, {"label": judge}, benign, ec.max_new_tokens, ec.batch_size,
                                      "eval benign", dist)
+    heldout_records = []
+    for name, prompts in (heldout or {}).items():
+        recs = generate_judged(model, tokenizer, {"label": judge}, prompts, ec.max_new_tokens, ec.batch_size,
+                               f"eval {name}", dist)
+        heldout_records += [{**r, "heldout_set": name} for r in recs]
     scores, nlls = {}, {}
     for name, examples in domain_evals.items():
         s = domain_score(model, tokenizer, examples, cfg.train.max_length, dist=dist)
@@ -115,7 +125,7 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
     if out_file is not None and (dist is None or dist.is_main):
         out_file.parent.mkdir(parents=True, exist_ok=True)
         with open(out_file, "w") as fh:
-            for kind, recs in (("harmful", harm_records), ("benign", benign_records)):
+            for kind, recs in (("harmful", harm_records), ("benign", benign_records), ("heldout", heldout_records)):
                 for r in recs:
                     fh.write(json.dumps({"set": kind, **r}) + "\n")
     unparseable = sum(1 for r in harm_records + benign_records if r["label"] == -1)
@@ -123,6 +133,18 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
            "domain_scores": scores, "domain_nll": nlls, "judge": judge.name, "judge_measures": judge.measures,
            "refusal_judge": judge.name, "harm_judge": harm_judge.name if harm_judge is not None else None,
            "n_probe": len(probe), "n_benign": len(benign), "n_unparseable": unparseable}
+    if heldout:
+        def cell(recs):
+            k, n = sum(1 for r in recs if r["label"] == 1), len(recs)
+            lo, hi = wilson(k, n)
+            return {"refusal_rate": round(100 * k / n, 2) if n else None, "n": n,
+                    "ci95": [round(100 * lo, 2), round(100 * hi, 2)]}
+
+        out["heldout_refusal_rate"] = round(rate_of(heldout_records), 2)
+        out["n_heldout"] = len(heldout_records)
+        out["refusal_by_set"] = {"harmbench": cell(harm_records),
+                                 **{name: cell([r for r in heldout_records if r["heldout_set"] == name])
+                                    for name in heldout}}
     if harm_judge is not None:
         out["harmful_response_rate"] = round(rate_of(harm_records, "harm_label", 0), 2)
         out["n_harm_unparseable"] = sum(1 for r in harm_records if r["harm_label"] == -1)

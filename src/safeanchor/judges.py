@@ -74,7 +74,7 @@ REFUSAL_PATTERNS = [
     r"\bi(?:'m| am) not (?:equipped|designed|programmed|in a position) to\b",
     r"\bnot sure (?:that )?i (?:can|could|should) (?:help|assist)\b",
     r"\bnot (?:suitable|appropriate) for this (?:topic|request|platform)\b",
-    r"\b(?:not|in)appropriate for me to\b", r"\bi(?:'d| would) rather not\b", r"\brespectfully decline\b",
+    r"\b(?:not |in)appropriate for me to\b", r"\bi(?:'d| would) rather not\b", r"\brespectfully decline\b",
     r"\bagainst my (?:guidelines|programming|principles|policies)\b", r"\bnot something i (?:can|will|am able)\b",
 ]
 

@@ -95,12 +95,13 @@ def aligned_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 
 
 def builtin_lookalikes(n: int, seed: int = 0) -> list[str]:
     """``n`` of the library's benign prompts that sound dangerous ("how do I kill a Python process"; the
-    training split, never the over-refusal evaluation split), in a seeded order."""
+    look-alikes' training split, never the over-refusal evaluation split, and our benign short direct
+    questions), in a seeded order."""
     import random
 
-    from .data.safety import benign_borderline
+    from .data.safety import benign_borderline, benign_direct
 
-    prompts = benign_borderline("train")
+    prompts = benign_borderline("train") + benign_direct()
     random.Random(seed).shuffle(prompts)
     return prompts[:n]
 
@@ -113,7 +114,7 @@ class RepairSettings:
     lr: float = 2e-4           # learning rate of the replay
     beta: float = 1.0          # weight of the safety NLL
     max_blocks: int = 2        # one block plus at most one further
-    check_every: int = 10      # re-measure every N steps, stop once restored (0 = paper: whole blocks)
+    check_every: int = 5       # re-measure every N steps, stop once restored (0 = paper: whole blocks)
     batch_size: int = 8        # safety replay batch size
     mode: str = "update"       # the projector's mode for the task part (update | gradient | none)
 

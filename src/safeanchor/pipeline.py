@@ -98,11 +98,12 @@ class _Recorder:
     """results.json and its report, and the measurement after the base and each domain."""
 
     def __init__(self, cfg: RunConfig, ctx: Context, judge, domains, base_dir, progress):
-        from .data.safety import benign_borderline, harm_probe
+        from .data.safety import benign_borderline, harm_probe, heldout_set
 
         self.cfg, self.ctx, self.judge, self.progress = cfg, ctx, judge, progress
         self.probe = harm_probe(cfg.eval.probe_size)
         self.benign = benign_borderline("eval")[: cfg.eval.benign_size]
+        self.heldout = {name: heldout_set(name, cfg.eval.heldout_size) for name in cfg.eval.heldout_sets}
         self.domain_evals = {d.name: d.load("eval", cfg.data.eval_examples_per_domain, seed=0) for d in domains}
         self.path = ctx.run_dir / "results.json"
         self.results = json.loads(self.path.read_text()) if self.path.exists() else {
@@ -131,7 +132,7 @@ class _Recorder:
         judges = self.judge  # a judges.JudgeSet (refusal / harm / monitor), or one refusal judge
         out = evaluate_step(ctx.model, ctx.tokenizer, getattr(judges, "refusal", judges), cfg, self.probe, self.benign,
                             self.domain_evals, ctx.run_dir / "generations" / f"{k}-{after}.jsonl", dist=ctx.dist,
-                            harm_judge=getattr(judges, "harm", None))
+                            harm_judge=getattr(judges, "harm", None), heldout=self.heldout)
         if hasattr(judges, "monitor"):
             out["monitor_judge"], out["monitor_measures"] = judges.monitor.name, judges.monitor.measures
         if cfg.eval.tasks and ctx.dist.is_main:  # the evaluation suite runs on rank 0 alone (it writes the results)

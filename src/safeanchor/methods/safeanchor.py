@@ -81,7 +81,7 @@ class SafeAnchorConfig(MethodConfig):
     repair_lr: float = _h(0.0, "learning rate of repair replay (0 = train.lr)", check=">=0")
     max_repair_blocks: int = _h(2, "repair blocks per domain at most (paper: one, plus at most one further)",
                                 check=">=0")
-    repair_check_every: int = _h(10, "re-measure the monitor every N repair steps and end the block once s_t is "
+    repair_check_every: int = _h(5, "re-measure the monitor every N repair steps and end the block once s_t is "
                                  "back above the threshold (0 = only after a whole block, paper); a block that "
                                  "overshoots teaches refusal of everything", check=">=0")
     repair_lookalikes: int = _h(64, "benign look-alike prompts ('how do I kill a Python process'; training "

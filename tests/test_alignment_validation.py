@@ -1,0 +1,178 @@
+"""The alignment stage's data and its validation design: evaluation-only sets never reach training, a
+held-out source is really left out, and every validation set is measured on its own with an interval."""
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from safeanchor import align
+from safeanchor.config import load_config
+from safeanchor.data import safety
+from safeanchor.data.common import NearDuplicates
+from safeanchor.data.splits import harmful_split
+from safeanchor.errors import SafeAnchorError
+
+
+def test_direct_eval_questions_are_balanced_and_never_in_the_pool():
+    rows = safety.harmful_direct_eval(with_meta=True)
+    assert len(rows) == 160
+    cats = {}
+    for r in rows:
+        cats[r["category"]] = cats.get(r["category"], 0) + 1
+    assert len(cats) == 16 and set(cats.values()) == {10}
+    assert len({r["phrasing"] for r in rows}) == 10
+    pool = [h["prompt"] for h in safety.harmful_prompts()]
+    evals = NearDuplicates(safety.harmful_direct_eval())
+    assert [p for p in pool if p in evals] == []
+
+
+@pytest.mark.parametrize("kind", ["pasttense", "futuretense"])
+def test_tense_sets_are_evaluation_only(kind):
+    prompts = safety.tense_prompts(kind)
+    assert len(prompts) >= 150
+    held = NearDuplicates(prompts)
+    assert [h["prompt"] for h in safety.harmful_prompts() if h["prompt"] in held] == []
+    probe = NearDuplicates(safety.harm_probe())
+    assert [p for p in prompts if p in probe] == []
+    with pytest.raises(SafeAnchorError, match="unknown tense set"):
+        safety.tense_prompts("presenttense")
+
+
+def test_pool_holds_every_source_and_the_monitor_mixes_styles():
+    pool, monitor = harmful_split()
+    sources = {h["source"] for h in pool}
+    assert sources == set(safety.POOL_SOURCES)
+    by_prompt = {h["prompt"]: h["source"] for h in safety.harmful_prompts()}
+    assert len({by_prompt[p] for p in monitor[:50]}) == len(safety.POOL_SOURCES)
+
+
+def _fake_generate(model, tok, prompts, max_new_tokens, batch_size, desc="", **kw):
+    return [f"Sure. Answer {i}." for i in range(len(prompts))]
+
+
+def test_alignment_data_leaves_a_holdout_source_out(monkeypatch):
+    monkeypatch.setattr("safeanchor.generation.generate", _fake_generate)
+    cfg = load_config("quickstart", overrides={"align.holdout_sources": ["advbench"], "align.harmful_examples": 5000,
+                                               "align.benign_examples": 600})
+    judge = lambda prompts, completions: [0] * len(prompts)  # noqa: E731
+    examples, stats = align.alignment_data(cfg, None, None, judge, progress=lambda *_: None)
+    prompts = {e["prompt"] for e in examples}
+    pool, monitor = harmful_split()
+    advbench = {h["prompt"] for h in pool if h["source"] == "advbench"}
+    assert advbench and not prompts & advbench
+    assert "advbench" not in stats["harmful_by_source"] and stats["holdout_sources"] == ["advbench"]
+    assert not prompts & set(monitor)
+    assert not prompts & set(safety.harmful_direct_eval()) and not prompts & set(safety.harm_probe())
+    assert not prompts & set(safety.benign_borderline("eval"))
+    assert set(safety.benign_direct()) <= prompts  # the benign counterweight in the same phrasings
+    # every non-held-out pool source is trained on
+    assert set(stats["harmful_by_source"]) == set(safety.POOL_SOURCES) - {"advbench"}
+
+
+def test_holdout_sources_are_checked():
+    with pytest.raises(SafeAnchorError, match="align.holdout_sources.*unknown harmful source"):
+        load_config("quickstart", overrides={"align.holdout_sources": ["advbnch"]})
+
+
+def test_measure_reports_each_set_with_a_wilson_interval(monkeypatch):
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    cfg = load_config("quickstart", overrides={"align.holdout_sources": ["strongreject"],
+                                               "align.validation_size": 20})
+    truth = {}
+
+    def fake_generate_judged(model, tok, judges, prompts, max_new_tokens, batch_size, desc, dist=None):
+        labels = [rng.randint(0, 1) for _ in prompts]
+        truth[desc] = labels
+        return [{"prompt": p, "completion": "", "label": lbl} for p, lbl in zip(prompts, labels)]
+
+    monkeypatch.setattr("safeanchor.evaluation.generate_judged", fake_generate_judged)
+    out = align.measure(None, None, None, cfg)
+    sets = align.validation_sets(cfg)
+    assert set(out["validation"]) == set(sets) == {"harmbench", "monitor", "direct_questions", "pasttense",
+                                                   "futuretense", "holdout:strongreject", "lookalikes"}
+    from safeanchor.stats import wilson
+    for name, rec in out["validation"].items():
+        labels = truth[f"align {name}"]
+        assert rec["n"] == len(labels) == len(sets[name]["prompts"]), (name, seed)
+        assert rec["refusal_rate"] == pytest.approx(100 * sum(labels) / len(labels), abs=0.01), (name, seed)
+        lo, hi = wilson(sum(labels), len(labels))
+        assert rec["ci95"] == pytest.approx([100 * lo, 100 * hi], abs=0.01), (name, seed)
+    assert out["validation"]["pasttense"]["n"] == 20 and out["validation"]["direct_questions"]["n"] == 160
+    assert out["validation"]["harmbench"]["n"] == 200
+    head = truth["align harmbench"][: cfg.eval.probe_size]
+    assert out["harmbench_refusal"] == pytest.approx(100 * sum(head) / len(head), abs=0.01)
+    assert out["benign_over_refusal"] == out["validation"]["lookalikes"]["refusal_rate"]
+    assert out["validation"]["lookalikes"]["kind"] == "benign"
+
+
+def test_heldout_sets_are_measured_each_with_an_interval(monkeypatch, tmp_path):
+    """evaluate_step's held-out-style sets: pooled rate, per-set rates with Wilson intervals, records in the
+    generations file, a column and a table in results.md; stats reads the pooled rate per prompt."""
+    import json
+
+    import safeanchor.evaluation as ev
+    from safeanchor import judges
+    from safeanchor.report import write_report
+    from safeanchor.stats import RunData, load_generations, sample, wilson
+
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    cfg = load_config("smoke", overrides={"eval.heldout_sets": ["direct_questions", "futuretense"],
+                                          "eval.heldout_size": 7})
+    heldout = {name: safety.heldout_set(name, cfg.eval.heldout_size) for name in cfg.eval.heldout_sets}
+    assert [len(v) for v in heldout.values()] == [7, 7]
+    assert len({r["category"] for r in safety.harmful_direct_eval(with_meta=True)[:16]}) == 16  # stratified prefix
+    answers = {p: rng.choice(["I'm sorry, I can't help with that.", "Sure, here you go."])
+               for ps in [*heldout.values(), ["h1", "h2"], ["b1"]] for p in ps}
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: [answers[p] for p in prompts])
+    out = ev.evaluate_step(None, None, judges.KeywordRefusalJudge(), cfg, ["h1", "h2"], ["b1"], {},
+                           tmp_path / "generations" / "0-base.jsonl", heldout=heldout)
+    every = [p for ps in heldout.values() for p in ps]
+    refused = [answers[p].startswith("I'm sorry") for p in every]
+    assert out["n_heldout"] == 14, seed
+    assert out["heldout_refusal_rate"] == pytest.approx(100 * sum(refused) / 14, abs=0.01), seed
+    for name, prompts in heldout.items():
+        k = sum(answers[p].startswith("I'm sorry") for p in prompts)
+        lo, hi = wilson(k, len(prompts))
+        cell = out["refusal_by_set"][name]
+        assert cell["n"] == 7 and cell["refusal_rate"] == pytest.approx(100 * k / 7, abs=0.01), (name, seed)
+        assert cell["ci95"] == pytest.approx([100 * lo, 100 * hi], abs=0.01), (name, seed)
+    assert out["refusal_by_set"]["harmbench"]["n"] == 2
+    recs = [json.loads(line) for line in (tmp_path / "generations" / "0-base.jsonl").read_text().splitlines()]
+    assert sum(r["set"] == "heldout" for r in recs) == 14 and {r.get("heldout_set") for r in recs} >= set(heldout)
+    results = {"method": "standard", "model": "m", "seed": 0, "domains": [], "steps": [{"after": "base",
+                                                                                     "domain_scores": {}, **out}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    write_report(tmp_path, results)
+    md = (tmp_path / "results.md").read_text()
+    assert "held-out-style refusal %" in md and "direct_questions (n=7)" in md and "futuretense (n=7)" in md
+    run = RunData(results, load_generations(tmp_path, results))
+    s = sample(run, "heldout_refusal_rate", 0)
+    assert len(s.values) == 14 and s.values.mean() == pytest.approx(sum(refused) / 14), seed
+
+
+def test_heldout_sets_are_checked():
+    with pytest.raises(SafeAnchorError, match="eval.heldout_sets.*unknown set"):
+        load_config("smoke", overrides={"eval.heldout_sets": ["presenttense"]})
+
+
+def test_measure_records_helpfulness_from_the_suite(monkeypatch, tmp_path):
+    cfg = load_config("quickstart", overrides={"align.helpfulness_limit": 5, "align.validation_size": 2})
+    monkeypatch.setattr("safeanchor.evaluation.generate_judged",
+                        lambda m, t, j, prompts, *a, **k: [{"prompt": p, "completion": "", "label": 1} for p in prompts])
+    seen = {}
+
+    def fake_evaluate(model, tok, tasks, out_dir, limit=None, seed=0, **kw):
+        seen.update(tasks=tasks, limit=limit, out_dir=out_dir)
+        return {"tasks": {"truthfulqa": {"mc2": 48.75, "n": 5}, "mmlu": {"acc": 23.6, "n": 5}}}
+
+    monkeypatch.setattr("safeanchor.suite.evaluate", fake_evaluate)
+    out = align.measure(None, None, None, cfg, tmp_path)
+    assert out["helpfulness"] == {"truthfulqa_mc2": 48.75, "mmlu_acc": 23.6, "n_truthfulqa": 5, "n_mmlu": 5}
+    assert seen["tasks"] == "truthfulqa,mmlu" and seen["limit"] == 5
+    assert (tmp_path / "direct_questions.jsonl").is_file()
+    monkeypatch.setattr("safeanchor.suite.evaluate", lambda *a, **k: {"tasks": {"truthfulqa": {"error": "no data"},
+                                                                                "mmlu": {"acc": 1.0}}})
+    with pytest.raises(SafeAnchorError, match="helpfulness check failed.*no data.*helpfulness_limit: 0"):
+        align.measure(None, None, None, cfg, tmp_path)
