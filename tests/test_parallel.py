@@ -16,7 +16,12 @@ def test_parallel_runs_match_sequential(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "seq")]) == 0
     assert main([*args, "--jobs", "2", "--out", str(tmp_path / "par")]) == 0
     for name in ("standard-seed3", "interleave-seed3"):
-        assert _numbers(tmp_path / "seq" / name) == _numbers(tmp_path / "par" / name)
+        seq, par = _numbers(tmp_path / "seq" / name), _numbers(tmp_path / "par" / name)
+        assert [s[:3] for s in seq] == [p[:3] for p in par], name  # rates and domain scores: identical
+        # losses: a run in a --jobs process has fewer intra-op threads, so float sums may differ in the
+        # last digits (seen: 5.4951887 vs 5.4951890 after 12 steps); a real difference is far larger
+        for s, p in zip(seq, par):
+            assert (s[3] is None) == (p[3] is None) and (s[3] is None or abs(s[3] - p[3]) <= 1e-6 * abs(s[3])), name
         assert (tmp_path / "par" / name / "run.log").stat().st_size > 0
     assert "wall s" in (tmp_path / "par" / "comparison.md").read_text()
 

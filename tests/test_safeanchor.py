@@ -178,14 +178,15 @@ def test_csm_repair_stops_once_restored(tmp_path, rates, steps, s_after, n_check
 
 
 def test_csm_repair_data_holds_aligned_answers_to_lookalikes(tmp_path):
-    from safeanchor.data.safety import benign_borderline
+    from safeanchor.data.safety import benign_borderline, benign_direct
     from safeanchor.generation import generate
 
     ctx, _ = _ctx(tmp_path, {"repair_lookalikes": 6, "gamma": 0.0})
     rec = ctx.method.prepare(ctx)
     looks = ctx.method.lookalikes
     assert 0 < len(looks) <= 6 and rec["repair_lookalikes"] == len(looks)
-    train = set(benign_borderline("train"))
+    train = set(benign_borderline("train")) | set(benign_direct())  # training-only look-alikes, never eval
+    assert not train & set(benign_borderline("eval"))
     assert all(x["prompt"] in train for x in looks)
     # answers are the aligned base's (adapter disabled), not the adapted model's: compare after moving B
     _randomise_b(ctx.model)
