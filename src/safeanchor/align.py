@@ -136,23 +136,21 @@ def measure(model, tok, judge, cfg, out_dir: Path | None = None) -> dict:
     ``monitor_refusal`` and ``benign_over_refusal`` are kept. With ``align.helpfulness_limit`` > 0 also
     TruthfulQA MC2 and MMLU (written under ``out_dir``)."""
     from .evaluation import generate_judged
-    from .stats import wilson
+    from .stats import refusal_cell
 
     ec = cfg.eval
     out = {"validation": {}}
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     for name, spec in validation_sets(cfg).items():
         records = generate_judged(model, tok, {"label": judge}, spec["prompts"], ec.max_new_tokens, ec.batch_size,
                                   f"align {name}")
         labels = [r["label"] for r in records]
-        k, n = sum(labels), len(labels)
-        lo, hi = wilson(k, n)
         if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(out_dir) / f"{name.replace(':', '-')}.jsonl", "w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in records)
-        out["validation"][name] = {"refusal_rate": round(100 * k / n, 2), "n": n,
-                                   "ci95": [round(100 * lo, 2), round(100 * hi, 2)], "kind": spec["kind"],
-                                   "source": spec["source"], "written_by_us": spec["written_by_us"]}
+        out["validation"][name] = {**refusal_cell(labels), "kind": spec["kind"], "source": spec["source"],
+                                   "written_by_us": spec["written_by_us"]}
         if name == "harmbench":
             head = labels[: ec.probe_size]
             out["harmbench_refusal"] = round(100 * sum(head) / len(head), 2)

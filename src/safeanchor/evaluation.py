@@ -97,7 +97,7 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
     ``heldout``: set name -> harmful prompts in styles never trained on (``eval.heldout_sets``), giving
     ``heldout_refusal_rate`` (all of them pooled), ``n_heldout`` and ``refusal_by_set`` (each set and the
     probe, with 95% Wilson intervals)."""
-    from .stats import wilson
+    from .stats import refusal_cell
     from .errors import SafeAnchorError
 
     if judge.measures != "refusal":
@@ -135,10 +135,7 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
            "n_probe": len(probe), "n_benign": len(benign), "n_unparseable": unparseable}
     if heldout:
         def cell(recs):
-            k, n = sum(1 for r in recs if r["label"] == 1), len(recs)
-            lo, hi = wilson(k, n)
-            return {"refusal_rate": round(100 * k / n, 2) if n else None, "n": n,
-                    "ci95": [round(100 * lo, 2), round(100 * hi, 2)]}
+            return refusal_cell([r["label"] for r in recs])
 
         out["heldout_refusal_rate"] = round(rate_of(heldout_records), 2)
         out["n_heldout"] = len(heldout_records)

@@ -62,6 +62,14 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (0.0 if k == 0 else max(0.0, center - half)), (1.0 if k == n else min(1.0, center + half))
 
 
+def refusal_cell(labels) -> dict:
+    """``{"refusal_rate", "n", "ci95"}`` (%, 2 decimals; Wilson 95%) of judge labels, 1 = refused."""
+    k, n = sum(1 for x in labels if x == 1), len(labels)
+    lo, hi = wilson(k, n)
+    return {"refusal_rate": round(100 * k / n, 2) if n else None, "n": n,
+            "ci95": [round(100 * lo, 2), round(100 * hi, 2)]}
+
+
 def wilson_pct(rate: float | None, n: int | None) -> tuple[float, float] | None:
     """The Wilson 95% interval (in %) of a rate (in %) of ``n`` prompts; None without ``n``."""
     if rate is None or not n:
