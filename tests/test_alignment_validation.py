@@ -9,7 +9,7 @@ from safeanchor import align
 from safeanchor.config import load_config
 from safeanchor.data import safety
 from safeanchor.data.common import NearDuplicates
-from safeanchor.data.splits import harmful_split
+from safeanchor.data.splits import harmful_split, load_safety_examples, safety_sets
 from safeanchor.errors import SafeAnchorError
 
 
@@ -36,6 +36,43 @@ def test_tense_sets_are_evaluation_only(kind):
     assert [p for p in prompts if p in probe] == []
     with pytest.raises(SafeAnchorError, match="unknown tense set"):
         safety.tense_prompts("presenttense")
+
+
+@pytest.mark.parametrize("kind", ["pasttense", "futuretense"])
+def test_tense_sets_split_into_an_evaluation_part_and_a_monitor_part(kind):
+    full = list(safety.tense_prompts(kind))
+    evaluated, monitored = safety.tense_split(kind)
+    assert evaluated + monitored == full and len(monitored) == safety.TENSE_MONITOR
+    assert safety.heldout_set(kind) == evaluated and safety.heldout_set(kind, 40) == evaluated[:40]
+    assert safety.heldout_set(kind, 10_000) == evaluated  # never reaches into the monitor part
+    rows = load_safety_examples(kind, None, 0, "monitor")
+    assert [r["prompt"] for r in rows] == monitored
+
+
+def test_a_mixed_monitor_takes_its_sources_in_turn_and_no_evaluated_prompt():
+    _, offline = harmful_split()
+    past, future = safety.tense_split("pasttense")[1], safety.tense_split("futuretense")[1]
+    rows = [r["prompt"] for r in load_safety_examples("offline+pasttense+futuretense", None, 0, "monitor")]
+    assert rows[:6] == [offline[0], past[0], future[0], offline[1], past[1], future[1]]
+    assert len(rows) == len(set(rows)) == len(offline) + len(past) + len(future)
+    assert [r["prompt"] for r in load_safety_examples("offline+pasttense+futuretense", 7, 0, "monitor")] == rows[:7]
+    evaluated = set(safety.heldout_set("pasttense")) | set(safety.heldout_set("futuretense"))
+    assert not evaluated & set(rows)
+    cfg = load_config("quickstart", overrides={"data.monitor_source": "offline+pasttense+futuretense",
+                                               "eval.monitor_size": 60})
+    assert safety_sets(cfg)[1] == rows[:60]
+
+
+@pytest.mark.parametrize("key,spec,match", [
+    ("data.monitor_source", "offline+", "distinct, non-empty"),
+    ("data.monitor_source", "pasttense+pasttense", "distinct, non-empty"),
+    ("data.monitor_source", "offline+nonsense", "not a safety data source"),
+    ("data.safety_source", "offline+pasttense", "only the monitor"),
+    ("data.safety_source", "pasttense", "monitor source only"),
+    ("data.repair_source", "futuretense", "monitor source only")])
+def test_bad_monitor_mixes_are_config_errors(key, spec, match):
+    with pytest.raises(SafeAnchorError, match=match):
+        load_config("quickstart", overrides={key: spec})
 
 
 def test_pool_holds_every_source_and_the_monitor_mixes_styles():

@@ -82,5 +82,5 @@ def test_harmbench_source_errors():
         load_config("smoke", overrides={"data.repair_source": "harmbench-heldout"})
     with pytest.raises(SafeAnchorError, match="kinds after ':' must be contextual or copyright"):
         load_config("smoke", overrides={"data.monitor_source": "harmbench-val:standard"})
-    with pytest.raises(SafeAnchorError, match="harmbench-heldout, harmbench-val, local"):
+    with pytest.raises(SafeAnchorError, match="harmbench-heldout, harmbench-val, pasttense, futuretense, offline, local"):
         load_config("smoke", overrides={"data.monitor_source": "harmbench"})

