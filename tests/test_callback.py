@@ -248,3 +248,19 @@ def test_callback_anchor_reference_previous_anchors_to_the_stage_start(tmp_path)
     options_aligned = {**options, "anchor_reference": "aligned"}
     _, cb_aligned = _callback_run(cfg, calib, task, 0, tmp_path, options_aligned)
     assert first < cb_aligned.records[0]["logs"]["anchor_kl"]  # B was randomised: far from aligned, near start
+
+
+def test_callback_honours_the_random_basis_ablation():
+    from safeanchor import subspace as ss
+    from safeanchor.callback import SafeAnchorCallback
+    from safeanchor.methods.safeanchor import SafeAnchorConfig
+    from safeanchor.safety_subspace import SafetySubspace
+
+    calib = [{"prompt": "p", "response": "I can't help with that."}]
+    v = torch.linalg.qr(torch.randn(40, 3))[0]
+    sub = SafetySubspace({"m": ss.FisherBasis(v, torch.ones(3, dtype=torch.float64), 1.0, 4)})
+    for basis, same in (("fisher", True), ("random", False)):
+        cb = SafeAnchorCallback(calib, None, config=SafeAnchorConfig(basis=basis, csm=False), seed=3)
+        cb.subspace = sub
+        got = cb._projected().bases["m"].basis
+        assert got.shape == v.shape and torch.equal(got, v) == same, basis

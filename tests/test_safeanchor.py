@@ -468,3 +468,57 @@ def test_anchor_reference_aligned_or_previous(tmp_path, reference):
         assert ctx.method.state_dict()["previous"]  # resumable
     else:
         assert kl_start > 1e-6 and term.reference is None
+
+
+def test_randomised_basis_is_orthonormal_same_size_and_within_the_fisher_support():
+    from safeanchor.safety_subspace import SafetySubspace
+
+    seed = random.randrange(10**6)
+    g = torch.Generator().manual_seed(seed)
+    bases = {}
+    for i, (p, live, k) in enumerate(((300, 120, 6), (80, 80, 3), (50, 20, 0))):
+        v = torch.zeros(p, k)
+        if k:
+            rows = torch.randperm(p, generator=g)[:live]
+            v[rows] = torch.linalg.qr(torch.randn(live, k, generator=g))[0]
+        bases[f"m{i}"] = ss.FisherBasis(v, torch.rand(k, dtype=torch.float64, generator=g), 3.5 + i, 12)
+    sub = SafetySubspace(bases, 0.9)
+    rnd, again, other = sub.randomised(7), sub.randomised(7), sub.randomised(8)
+    for name, b in bases.items():
+        r = rnd.bases[name]
+        assert r.basis.shape == b.basis.shape and r.trace == b.trace, (name, seed)
+        assert torch.equal(r.eigenvalues, b.eigenvalues)
+        k = b.basis.shape[1]
+        if k == 0:
+            continue
+        assert torch.allclose(r.basis.T @ r.basis, torch.eye(k), atol=1e-5), (name, seed)
+        outside = b.basis.abs().sum(1) == 0
+        assert float(r.basis[outside].abs().sum()) == 0.0, (name, seed)  # never outside the Fisher support
+        assert torch.equal(r.basis, again.bases[name].basis)  # reproducible (a resumed run draws it again)
+        assert not torch.allclose(r.basis, other.bases[name].basis)
+        # a slow reference of the overlap: sum_j ||V_f^T r_j||^2 / k; a random k-subspace of an m-dim
+        # support keeps about k/m of it (0.05 and 0.04 here), the Fisher basis itself all of it
+        overlap = sum(float((b.basis.T @ r.basis[:, j]).pow(2).sum()) for j in range(k)) / k
+        assert overlap < 0.5, (name, overlap, seed)
+
+
+def test_basis_random_projects_updates_against_the_random_basis(tmp_path):
+    ctx, task = _ctx(tmp_path, {"strict": True, "project": "update", "gamma": 0.0, "csm": False, "basis": "random"})
+    _randomise_b(ctx.model)
+    ctx.method.prepare(ctx)
+    before = _flat(ctx.model)
+    train_steps(ctx, task, 3, stream=1)
+    after = _flat(ctx.model)
+    projected = ctx.method.projector.subspace.bases
+    fisher_leak, random_leak, n_modules = 0.0, 0.0, 0
+    for n, basis in ctx.method.bases.items():
+        k = basis.basis.shape[1]
+        assert projected[n].basis.shape == basis.basis.shape
+        if k == 0:
+            continue
+        n_modules += 1
+        delta = after[n] - before[n]
+        random_leak = max(random_leak, float((projected[n].basis.T @ delta).norm() / delta.norm()))
+        fisher_leak = max(fisher_leak, float((basis.basis.T @ delta).norm() / delta.norm()))
+    assert n_modules and random_leak < 1e-4  # exactly out of the basis it projects against
+    assert fisher_leak > 1e-2  # and no longer out of the Fisher basis

@@ -91,6 +91,11 @@ class SafeAnchorCallback(TrainerCallback):
         self._logs: list[dict] = []
         self._anchor_position = 0
 
+    def _projected(self) -> SafetySubspace:
+        """What updates are projected against: the safety subspace, or with ``basis: random`` (ablation) a
+        random basis of the same per-module sizes (``SafetySubspace.randomised``)."""
+        return self.subspace.randomised(self.seed) if self.config.basis == "random" else self.subspace
+
     # -- the user's hooks -----------------------------------------------------------------------------
     def stage_examples(self, examples: list[dict] | None) -> None:
         """The current domain's {"prompt", "response"} examples, replayed (projected) by CSM's repair."""
@@ -128,8 +133,8 @@ class SafeAnchorCallback(TrainerCallback):
                     p: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
             terms.append(SafetyTerm("anchor_kl", batches, o.gamma, name="anchor_kl", autocast=self._autocast(args),
                                     reference=reference))
-        self.projector = SafetyProjector(model, self.subspace, {n: 1.0 - a for n, a in alpha.items()}, mode=o.project,
-                                         terms=terms, project_terms=o.anchor_projected)
+        self.projector = SafetyProjector(model, self._projected(), {n: 1.0 - a for n, a in alpha.items()},
+                                         mode=o.project, terms=terms, project_terms=o.anchor_projected)
         self._logs = []
         self.records.append(record)
         if optimizer is not None:
@@ -165,7 +170,7 @@ class SafeAnchorCallback(TrainerCallback):
             strengths = dict(self.projector.strengths)
             safety = self.repair_examples + self.lookalikes
             record["csm"] = monitor_and_repair(self.monitor, model, self.tokenizer, self._task or safety,
-                                               safety, self.subspace, strengths, settings,
+                                               safety, self.projector.subspace, strengths, settings,
                                                self._train_config(args), seed=self.seed, stage=record["stage"])
             self._broadcast(model)
         if o.incremental and o.project != "none":

@@ -192,6 +192,32 @@ class SafetySubspace:
     def __len__(self) -> int:
         return len(self.bases)
 
+    def randomised(self, seed: int = 0) -> "SafetySubspace":
+        """Ablation: per module, a random orthonormal basis of the same size k_i, drawn (Gaussian, QR) within
+        the coordinates this module's basis spans (its nonzero rows: at a fresh LoRA, B = 0, the safety
+        gradient lives in the B block only, so a basis over every coordinate would be a weaker control),
+        in place of the Fisher eigenvectors; eigenvalues and trace are kept, so alpha_i is unchanged. The
+        draw depends only on ``seed``, the module name and the Fisher basis itself (a resumed run draws the
+        same basis again)."""
+        import zlib
+
+        out = {}
+        for name, b in self.bases.items():
+            k = b.basis.shape[1]
+            if k == 0:
+                out[name] = b
+                continue
+            v = b.basis.detach().float().cpu()
+            rows = torch.nonzero(v.abs().sum(1) > 0).flatten()
+            tag = zlib.crc32(name.encode()) ^ zlib.crc32(v.numpy().tobytes())
+            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + tag) % (2 ** 63))
+            q, _ = torch.linalg.qr(torch.randn(len(rows), k, generator=g, dtype=torch.float64))
+            basis = torch.zeros(v.shape, dtype=torch.float64)
+            basis[rows] = q
+            out[name] = ss.FisherBasis(basis.to(b.basis.dtype).to(b.basis.device), b.eigenvalues, b.trace,
+                                       b.n_samples)
+        return SafetySubspace(out, self.rho, self.max_rank)
+
     def to(self, device) -> "SafetySubspace":
         """The same subspace with every basis on ``device`` (kept there: no copy per optimizer step)."""
         return SafetySubspace({n: _on(b, device) for n, b in self.bases.items()}, self.rho, self.max_rank)

@@ -88,6 +88,11 @@ class SafeAnchorConfig(MethodConfig):
                                 "split) answered by the aligned base itself (adapter off, greedy), mixed into "
                                 "the repair's safety data so repair restores the aligned behaviour on both "
                                 "sides of the refusal boundary (0 = refusals only, paper)", check=">=0")
+    basis: Literal["fisher", "random"] = _h(
+        "fisher", "the basis the updates are projected against: 'fisher' (SSI's eigenvectors, the paper) or "
+        "'random' (ablation: does the Fisher information matter? per module a random orthonormal basis of the same "
+        "size, within the coordinates the Fisher basis spans; the Fisher bases are still computed, merged, saved "
+        "and set alpha)")
     incremental: bool = _h(True, "recompute and merge the subspace after each domain (ablation: False)")
     merge: Literal["weighted", "residual", "union"] = _h(
         "weighted", "'weighted' (SVD of eigenvalue-scaled bases = eigendecomposition of F_old + F_new), 'residual' "
@@ -119,6 +124,8 @@ class SafeAnchor(Method):
         self._ema: dict = {}  # the projector's anchor EMA, restored before the projector exists
         self._bases_version, self._bases_file = 0, None
         self._previous: dict = {}  # anchor_reference 'previous': LoRA tensors at the start of the domain
+        self._seed = 0  # the run's seed (basis 'random' draws with it)
+        self._projected: SafetySubspace | None = None  # what updates are projected against (basis option)
 
     @property
     def bases(self):
@@ -134,6 +141,9 @@ class SafeAnchor(Method):
         refer to it by name: at 7B the bases are about 1 GB, too much to rewrite every few steps)."""
         o = self.options
         self.subspace = subspace
+        if ctx is not None:
+            self._seed = ctx.cfg.seed
+        self._projected = subspace.randomised(self._seed) if o.basis == "random" else subspace
         self._bases_version += 1
         self._bases_file = None
         if ctx is not None and getattr(ctx, "run_dir", None) is not None:
@@ -145,7 +155,7 @@ class SafeAnchor(Method):
                 path.with_suffix(".tmp").replace(path)
         self.alpha = subspace.alpha(o.lam, o.trace_norm, o.strict)
         if self.projector is not None:
-            self.projector.subspace = subspace.to(next(self.projector.model.parameters()).device)
+            self.projector.subspace = self._projected.to(next(self.projector.model.parameters()).device)
             self.projector.strengths = self._strengths()
 
     def _projector(self, ctx) -> SafetyProjector:
@@ -158,7 +168,7 @@ class SafeAnchor(Method):
                 reference = self._previous_logits if o.anchor_reference == "previous" else None
                 terms.append(SafetyTerm("anchor_kl", batches, o.gamma, name="anchor_kl", dist=ctx.dist,
                                         autocast=ctx.autocast, reference=reference))
-            self.projector = SafetyProjector(ctx.model, self.subspace, self._strengths(),
+            self.projector = SafetyProjector(ctx.model, self._projected, self._strengths(),
                                              mode=o.project, terms=terms, project_terms=o.anchor_projected)
             self.projector.load_state_dict({"ema": self._ema})
         for term in self.projector.terms:
@@ -230,7 +240,7 @@ class SafeAnchor(Method):
                                       batch_size=ctx.cfg.train.batch_size, mode=o.project)
             rec["csm"] = monitor_and_repair(self._monitor(ctx), ctx.model, ctx.tokenizer,
                                             ctx.domain_examples[ctx.current_domain], self._repair_data(ctx),
-                                            self.subspace, self._strengths(), settings,
+                                            self._projected, self._strengths(), settings,
                                             ctx.cfg.train, seed=ctx.cfg.seed, stage=t, dist=ctx.dist)
         if o.incremental and o.project != "none":
             self._refresh(ctx)
@@ -257,6 +267,7 @@ class SafeAnchor(Method):
         from .. import subspace as ss
 
         o = self.options
+        self._seed = ctx.cfg.seed if ctx is not None else self._seed
         if "bases_file" in state:
             subspace = SafetySubspace.load(ctx.run_dir / "state" / state["bases_file"])
             subspace.rho, subspace.max_rank = o.rho, o.max_rank or None
