@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align quickstart orders example compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart orders random-basis categories example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
@@ -15,8 +15,15 @@ for stage in $STAGES; do
     quickstart) # the README's headline table (bash scripts/quickstart.sh runs the same, standard first)
                $SA run --preset quickstart --method safeanchor,standard --out runs/quickstart ;;
     orders)    # the README's per-step check: both orders x 2 seeds x {standard, safeanchor}, two runs at a time
+               # (the README's Standard runs are from runs/orders, made before the quick start's monitor
+               # changed; Standard reads neither the monitor nor the repair settings)
                $SA run --preset quickstart --method standard,safeanchor --seed 0,1 --jobs 2 \
-                 --orderings "medical,legal,code;code,legal,medical" --out runs/orders ;;
+                 --orderings "medical,legal,code;code,legal,medical" --out runs/orders2 ;;
+    random-basis) # does the Fisher information matter? SafeAnchor with a random basis of the same sizes, 2 seeds
+               $SA run --preset quickstart --method safeanchor --seed 0,1 --jobs 2 \
+                 --set method_options.safeanchor.basis=random --out runs/ablation-random ;;
+    categories) # one safety subspace per coarse harm category at the aligned base
+               $SA analyze category-subspaces --preset quickstart --per-category 32 --out runs/category-subspaces ;;
     example)   # SafeAnchor in a user's own TRL SFTTrainer script, and the same script without it
                .venv/bin/python examples/sft_with_safeanchor.py --output_dir runs/example-safeanchor --max_steps 30 --domain medical
                .venv/bin/python examples/sft_with_safeanchor.py --output_dir runs/example-plain --max_steps 30 --domain medical --no-safeanchor ;;
