@@ -122,4 +122,4 @@ def test_lora_targets_checked_on_a_config_without_weights(capsys, tmp_path, monk
 
 def test_quickstart_plan(capsys, tmp_path, no_weights_no_network):
     out = _plan(capsys, ["--preset", "quickstart", "--method", "standard,safeanchor", "--out", str(tmp_path / "q")])
-    assert "1. medical" in out and "30 steps" in out and "options {'repair_steps': 30, 'anchor_batch': 4}" in out
+    assert "1. medical" in out and "30 steps" in out and "options {'repair_steps': 30, 'anchor_batch': 4, 'repair_lookalikes': 192, 'repair_check_every': 3}" in out

@@ -44,7 +44,7 @@ def test_offline_is_exactly_the_builtin_data_in_the_same_order():
     from safeanchor.data.safety import refusal
 
     for preset, seed in (("smoke", 0), ("quickstart", 3)):
-        cfg = load_config(preset, overrides={"seed": seed})
+        cfg = load_config(preset, overrides={"seed": seed, "data.monitor_source": "offline"})  # quickstart mixes
         train, monitor = harmful_split()
         train = [train[i] for i in np.random.default_rng(4321).permutation(len(train))]
         rng = random.Random(cfg.seed)
