@@ -20,6 +20,7 @@ import json
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +82,9 @@ def main():
     if args.bf16:  # the same methods with bf16 autocast, alternating with the float32 ones in every round
         variants.update(standard_bf16=get_method("standard"), anchor_bf16=get_method("safeanchor", {"csm": False}))
         precision.update(standard_bf16="bf16", anchor_bf16="bf16")
-    ctx = Context(cfg=cfg, model=model, tokenizer=tok, run_dir=Path("."), calibration=calib,
+    # a throw-away run directory: SafeAnchor writes its bases under <run_dir>/state
+    ctx = Context(cfg=cfg, model=model, tokenizer=tok, run_dir=Path(tempfile.mkdtemp(prefix="sa-overhead-")),
+                  calibration=calib,
                   evaluator=lambda c, p: 100.0)
     device_is_cuda = next(model.parameters()).is_cuda
     # SSI vs one batched forward+backward over the calibration set
