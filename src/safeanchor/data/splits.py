@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SafeAnchorError
+from .common import round_robin
 
 __all__ = ["HELD_OUT_HARMFUL", "check_source", "harmful_split", "load_safety_examples", "parse_source", "repair_set",
            "safety_sets"]
@@ -265,8 +266,7 @@ def harmbench_monitor(scheme: str, kinds: str) -> list[dict]:
     rows = harmbench_rows("val") + (harmbench_rows("test") if scheme == "harmbench-heldout" else [])
     by_kind = {k: [{"prompt": harmbench_prompt(r), "behavior_id": r["BehaviorID"], "kind": k} for r in rows
                    if r["FunctionalCategory"] == k and r["Behavior"].strip() not in probe] for k in kinds.split(",")}
-    longest = max(map(len, by_kind.values()), default=0)
-    return [grp[i] for i in range(longest) for grp in by_kind.values() if i < len(grp)]
+    return round_robin(by_kind.values())
 
 
 def _offline(kind: str, n: int | None, seed: int) -> list[dict]:
@@ -297,13 +297,8 @@ def load_safety_examples(spec: str, n: int | None = None, seed: int = 0, kind: s
     if scheme == "offline":
         return _offline(kind, n, seed)
     if scheme == "mix":
-        groups = [load_safety_examples(part, None, seed, kind, key) for part in arg.split("+")]
-        seen, rows = set(), []
-        for i in range(max(map(len, groups), default=0)):
-            for grp in groups:
-                if i < len(grp) and grp[i]["prompt"] not in seen:
-                    seen.add(grp[i]["prompt"])
-                    rows.append({"prompt": grp[i]["prompt"]})
+        groups = [[r["prompt"] for r in load_safety_examples(part, None, seed, kind, key)] for part in arg.split("+")]
+        rows = [{"prompt": p} for p in dict.fromkeys(round_robin(groups))]  # a prompt in two sources: once
         return rows if n is None else rows[:n]
     if scheme in STYLE_MONITORS:
         from .safety import tense_split
