@@ -25,3 +25,19 @@ def torchrun(script: str, nproc: int, *args: str, timeout: int = 600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            os.path.join(os.path.dirname(__file__), script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def generated(monkeypatch):
+    """The prompt lists safeanchor.generation.generate_samples is called with, in order (it still generates)."""
+    import safeanchor.generation as g
+
+    calls = []
+    real = g.generate_samples
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(g, "generate_samples", spy)
+    return calls

@@ -209,3 +209,46 @@ def test_humaneval_run_samples_like_the_old_loop(tmp_path, monkeypatch, model, t
     want = reference_sample(model, tok, [he.INSTRUCTION.format(prompt=p["prompt"]) for p in problems], 3, 6, 0.7,
                             0.95, 2, seed=5)
     assert [r["reply"] for r in rows] == [r for rs in want for r in rs]
+
+
+# ---------------------------------------------------------------- the base's generation cache
+
+def test_generation_cache_reuses_extends_and_keys_by_settings(tmp_path, generated, model, tok):
+    """Cached completions equal fresh ones; a second call generates nothing, a new prompt alone is generated,
+    other settings or another dtype miss, a torn file is a miss (regenerated), sampling bypasses the cache."""
+    import safeanchor.generation as g
+
+    calls = generated
+    fresh = generate(model, tok, PROMPTS, 12, 3)
+    cache = g.GenerationCache(tmp_path / "c", model)
+    calls.clear()
+    assert generate(model, tok, PROMPTS, 12, 3, cache=cache) == fresh
+    assert calls == [PROMPTS]
+    calls.clear()
+    shuffled = PROMPTS[3:] + PROMPTS[:3] + [PROMPTS[0]]
+    assert generate(model, tok, shuffled, 12, 3, cache=cache) == [fresh[PROMPTS.index(p)] for p in shuffled]
+    assert calls == []
+    assert g.GenerationCache(tmp_path / "c", model).lookup({"max_new_tokens": 12, "batch_size": 3}, PROMPTS) == \
+        dict(zip(PROMPTS, fresh))  # on disk, for the next process
+    more = generate(model, tok, PROMPTS + ["A prompt never seen", "A prompt never seen"], 12, 3, cache=cache)
+    assert calls == [["A prompt never seen"]] and more[:len(PROMPTS)] == fresh
+    assert more[-2:] == generate(model, tok, ["A prompt never seen"], 12, 3) * 2
+    calls.clear()
+    generate(model, tok, PROMPTS[:2], 5, 3, cache=cache)  # another length: another file
+    assert calls == [PROMPTS[:2]]
+    assert len(list((tmp_path / "c").glob("generations-*.json"))) == 2
+    calls.clear()
+    half = g.GenerationCache(tmp_path / "c", model.to(torch.bfloat16))
+    try:
+        generate(model, tok, PROMPTS[:2], 12, 3, cache=half)  # another dtype: its own file
+    finally:
+        model.to(torch.float32)
+    assert calls == [PROMPTS[:2]]
+    for f in (tmp_path / "c").glob("generations-*.json"):
+        f.write_text('{"completions": ')  # torn
+    calls.clear()
+    assert generate(model, tok, PROMPTS[:1], 12, 3, cache=cache) == fresh[:1] and calls == [PROMPTS[:1]]
+    calls.clear()
+    generate(model, tok, PROMPTS[:1], 12, 3, cache=cache, sample=True, seed=0)
+    assert calls == [PROMPTS[:1]]  # sampled: never cached
+    assert not list((tmp_path / "c").glob("*.tmp"))

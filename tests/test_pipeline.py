@@ -168,3 +168,66 @@ def test_suite_tasks_after_every_step(tmp_path):
     for step in res["steps"]:
         assert "harmbench" in step["suite"] and "error" not in step["suite"]["harmbench"]
     assert (tmp_path / "run" / "suite" / "1-tiny-arith" / "metrics.json").exists()
+
+
+def test_base_generations_are_reused_by_the_next_run(tmp_path, monkeypatch, generated):
+    """A second run on the same aligned base (another method's seed) generates none of the base's completions
+    again: its step-0 numbers and generations equal the first run's, s_0 too, and the prompts it generates are
+    fewer by at least the probe, benign and monitor prompts. eval.base_cache: false leaves no cache."""
+    import safeanchor.align as align
+    from safeanchor.data.splits import safety_sets
+
+    monkeypatch.setattr(align, "aligned_dir", lambda cfg: tmp_path / "aligned" / align._key(cfg))
+    align.ensure_aligned(load_config("smoke"), progress=lambda *_: None)  # the alignment stage's own generations
+    generated.clear()
+    over = {"data.domains": ["tiny-arith"], "train.steps_per_domain": 2,
+            "method_options.safeanchor.repair_lookalikes": 8}
+    quiet = lambda *_: None  # noqa: E731
+    first = run(load_config("smoke", overrides={**over, "method": "safeanchor"}), tmp_path / "a", progress=quiet)
+    n_first = sum(map(len, generated))
+    generated.clear()
+    second = run(load_config("smoke", overrides={**over, "method": "safeanchor", "seed": 1}), tmp_path / "b",
+                 progress=quiet)
+    n_second = sum(map(len, generated))
+    assert first["steps"][0] == {**second["steps"][0], "eval_seconds": first["steps"][0]["eval_seconds"]}
+    assert (tmp_path / "a/generations/0-base.jsonl").read_text() == (tmp_path / "b/generations/0-base.jsonl").read_text()
+    assert first["prepare"]["s0"] == second["prepare"]["s0"]
+    cfg = load_config("smoke")
+    n_monitor = len(safety_sets(cfg)[1])
+    assert n_first - n_second >= cfg.eval.probe_size + cfg.eval.benign_size + n_monitor, (n_first, n_second)
+    cache = tmp_path / "aligned" / align._key(cfg) / "generation_cache"
+    assert list(cache.glob("generations-*.json"))
+    for f in cache.iterdir():
+        f.unlink()
+    run(load_config("smoke", overrides={**over, "method": "standard", "eval.base_cache": False}), tmp_path / "c",
+        progress=quiet)
+    assert not list(cache.iterdir())
+
+
+def test_a_changed_alignment_artifact_is_merged_again(tmp_path, monkeypatch):
+    """The merged base is rebuilt when the artifact's adapter checksum differs from the one it was merged
+    from (a new release), and its generation cache goes with it."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    import safeanchor.align as align
+
+    monkeypatch.setattr(align, "aligned_dir", lambda cfg: tmp_path / "aligned" / align._key(cfg))
+    art = align.export_artifact(load_config("smoke"), tmp_path / "artifact", "test")
+    cfg = load_config("smoke", overrides={"align.artifact": str(art)})
+    base = align.ensure_aligned(cfg, progress=lambda *_: None)
+    (base / "generation_cache").mkdir()
+    (base / "generation_cache" / "generations-x.json").write_text("{}")
+    assert align.ensure_aligned(cfg, progress=lambda *_: None) == base
+    assert (base / "generation_cache" / "generations-x.json").exists()  # unchanged artifact: kept
+    weights = art / "adapter_model.safetensors"
+    tensors = {k: v + 0.01 for k, v in load_file(weights).items()}
+    save_file(tensors, weights)
+    meta = _json.loads((art / "ARTIFACT.json").read_text())
+    meta["adapter_sha256"] = align._sha256_dir(art)
+    (art / "ARTIFACT.json").write_text(_json.dumps(meta))
+    said = []
+    assert align.ensure_aligned(cfg, progress=said.append) == base
+    assert not (base / "generation_cache").exists() and any("changed" in s for s in said)
+    assert _json.loads((base / "ALIGNMENT.json").read_text())["adapter_sha256"] == meta["adapter_sha256"]

@@ -255,11 +255,25 @@ def merge_artifact(cfg, target: Path, progress=print) -> dict:
     return report
 
 
+def _artifact_sha(cfg) -> str | None:
+    return json.loads((artifact_path(cfg.align.artifact) / "ARTIFACT.json").read_text()).get("adapter_sha256")
+
+
+def _built_sha(target: Path) -> str | None:
+    try:
+        return json.loads((target / "ALIGNMENT.json").read_text()).get("adapter_sha256")
+    except (OSError, ValueError):
+        return None
+
+
 def ensure_aligned(cfg, progress=print, force: bool = False) -> Path:
     """Directory of the aligned base for ``cfg`` (cached; built on first use)."""
     target = aligned_dir(cfg)
     if (target / "config.json").exists() and not force:
-        return target
+        if not cfg.align.artifact or _artifact_sha(cfg) == _built_sha(target):
+            return target
+        progress(f"align: {cfg.align.artifact} changed since {target.name} was merged; merging it again")
+        force = True  # a new release's adapter: the old merge (and its generation cache) are stale
     target.parent.mkdir(parents=True, exist_ok=True)
     if force:
         shutil.rmtree(target, ignore_errors=True)

@@ -308,6 +308,9 @@ class EvalConfig:
                     "it reads as eval.refusal_judge", check=_judge("refusal"))
     max_new_tokens: int = _f(64, "greedy generation length for judged responses", check=">=1")
     batch_size: int = _f(16, "generation batch size", check=">=1")
+    base_cache: bool = _f(True, "keep the aligned base's greedy completions (its step-0 evaluation, CSM's s_0, the "
+                          "look-alikes' answers) in the base's directory and reuse them in every later run on that "
+                          "base, whatever the method or seed (no effect without the alignment stage)")
     tasks: list = _f([], "evaluation-suite tasks run after the base and every domain (`safeanchor eval --list`); "
                      "their metrics go into each step's `suite` and `composite_safety`")
     task_limit: int = _f(0, "items per suite task (seeded sample, recorded); 0 = all", check=">=0")

@@ -27,16 +27,17 @@ from .generation import generate
 
 
 def generate_judged(model, tokenizer, judges: dict, prompts: list[str], max_new_tokens: int, batch_size: int,
-                    desc: str, dist=None) -> list[dict]:
+                    desc: str, dist=None, cache=None) -> list[dict]:
     """Generate one greedy completion per prompt and label it with every judge of ``judges`` (record key ->
     judge): records ``{"prompt", "completion", <key>: label, ...}`` in prompt order (a model judge's parsed
     output goes to ``<key>_details``). With a data-parallel ``dist`` each process generates and judges its
-    share; every process gets all records."""
+    share; every process gets all records. ``cache``: ``generation.GenerationCache`` of this model."""
     from .distributed import Dist
 
     dist = dist or Dist()
     mine = dist.split(prompts)
-    completions = generate(model, tokenizer, mine, max_new_tokens, batch_size, desc=desc, progress=dist.is_main)
+    completions = generate(model, tokenizer, mine, max_new_tokens, batch_size, desc=desc, progress=dist.is_main,
+                           cache=cache)
     records = [{"prompt": p, "completion": c} for p, c in zip(mine, completions)]
     for key, judge in judges.items():
         labels = judge(mine, completions) if mine else []
@@ -54,10 +55,11 @@ def rate_of(records: list[dict], key: str = "label", value: int = 1) -> float:
 
 
 def judge_prompts(model, tokenizer, judge, prompts: list[str], max_new_tokens: int, batch_size: int,
-                  desc: str, dist=None) -> tuple[float, list[dict]]:
+                  desc: str, dist=None, cache=None) -> tuple[float, list[dict]]:
     """(% labelled 1 by the judge, records). Unparseable (-1) count as not-1 and are reported. With a
     data-parallel ``dist`` each process generates and judges its share; every process gets all records."""
-    records = generate_judged(model, tokenizer, {"label": judge}, prompts, max_new_tokens, batch_size, desc, dist)
+    records = generate_judged(model, tokenizer, {"label": judge}, prompts, max_new_tokens, batch_size, desc, dist,
+                              cache)
     return rate_of(records), records
 
 
@@ -91,12 +93,13 @@ def _score_counts(model, tokenizer, examples: list[dict], max_length: int, batch
 
 def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[str], domain_evals: dict,
                   out_file: Path | None = None, dist=None, harm_judge=None,
-                  heldout: dict[str, list[str]] | None = None) -> dict:
+                  heldout: dict[str, list[str]] | None = None, cache=None) -> dict:
     """One step's numbers (module docstring). ``judge``: the refusal judge (refusal and over-refusal);
     ``harm_judge``: None, or the harm judge of ``harmful_response_rate`` on the probe completions;
     ``heldout``: set name -> harmful prompts in styles never trained on (``eval.heldout_sets``), giving
     ``heldout_refusal_rate`` (all of them pooled), ``n_heldout`` and ``refusal_by_set`` (each set and the
-    probe, with 95% Wilson intervals)."""
+    probe, with 95% Wilson intervals). ``cache``: a ``generation.GenerationCache`` of this very model (the
+    aligned base: its completions are the same in every run)."""
     from .stats import refusal_cell
     from .errors import SafeAnchorError
 
@@ -110,13 +113,13 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
     ec = cfg.eval
     probe_judges = {"label": judge, **({"harm_label": harm_judge} if harm_judge is not None else {})}
     harm_records = generate_judged(model, tokenizer, probe_judges, probe, ec.max_new_tokens, ec.batch_size,
-                                   "eval harmful", dist)
+                                   "eval harmful", dist, cache)
     benign_records = generate_judged(model, tokenizer, {"label": judge}, benign, ec.max_new_tokens, ec.batch_size,
-                                     "eval benign", dist)
+                                     "eval benign", dist, cache)
     heldout_records = []
     for name, prompts in (heldout or {}).items():
         recs = generate_judged(model, tokenizer, {"label": judge}, prompts, ec.max_new_tokens, ec.batch_size,
-                               f"eval {name}", dist)
+                               f"eval {name}", dist, cache)
         heldout_records += [{**r, "heldout_set": name} for r in recs]
     scores, nlls = {}, {}
     for name, examples in domain_evals.items():

@@ -99,8 +99,80 @@ def generate_samples(model, tokenizer, prompts: Sequence, num_return_sequences: 
 
 
 def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 64, batch_size: int = 16,
-             desc: str = "generate", progress: bool = True, **options) -> list[str]:
+             desc: str = "generate", progress: bool = True, cache: "GenerationCache | None" = None,
+             **options) -> list[str]:
     """One completion per prompt (greedy unless ``sample=True``), in the order of ``prompts``;
-    ``options``: those of ``generate_samples`` (chat, add_special_tokens, longest_first, eos, strip, ...)."""
-    return [c[0] for c in generate_samples(model, tokenizer, prompts, 1, max_new_tokens=max_new_tokens,
-                                           batch_size=batch_size, desc=desc, progress=progress, **options)]
+    ``options``: those of ``generate_samples`` (chat, add_special_tokens, longest_first, eos, strip, ...).
+
+    ``cache``: a ``GenerationCache`` of this very model (the caller vouches for that, e.g. the aligned base
+    with the adapter disabled): greedy string prompts found there are not generated again, the others are
+    generated and added."""
+    if cache is None or options.get("sample") or not all(isinstance(p, str) for p in prompts):
+        return [c[0] for c in generate_samples(model, tokenizer, prompts, 1, max_new_tokens=max_new_tokens,
+                                               batch_size=batch_size, desc=desc, progress=progress, **options)]
+    settings = {"max_new_tokens": int(max_new_tokens), "batch_size": int(batch_size), **options}
+    found = cache.lookup(settings, prompts)
+    missing = list(dict.fromkeys(p for p in prompts if p not in found))
+    if missing:
+        made = [c[0] for c in generate_samples(model, tokenizer, missing, 1, max_new_tokens=max_new_tokens,
+                                               batch_size=batch_size, desc=desc, progress=progress, **options)]
+        new = dict(zip(missing, made))
+        cache.store(settings, new)
+        found.update(new)
+    return [found[p] for p in prompts]
+
+
+class GenerationCache:
+    """Greedy completions of one fixed model, kept on disk so that no run generates them twice.
+
+    The evaluation of the aligned base (step 0), CSM's s_0 and the look-alikes' answers are the same in
+    every run on that base, whatever the method or seed: a grid of 24 runs generated them 24 times. A
+    cache lives in a directory bound to the weights (the aligned base's own directory, which is rebuilt,
+    cache and all, when the base is); one JSON file per generation setting, keyed also by what changes
+    the numerics (parameter dtype, device type, attention kernel, torch and transformers versions).
+    Completions generated in other batches can differ from a fresh generation in float round-off only
+    (as they do between batch sizes). Writes are atomic and merge with what another process wrote."""
+
+    def __init__(self, directory, model):
+        import transformers
+
+        from pathlib import Path
+
+        self.directory = Path(directory)
+        param = next(model.parameters())
+        config = getattr(model, "config", None)
+        self.runtime = {"dtype": str(param.dtype), "device": param.device.type,
+                        "attn": str(getattr(config, "_attn_implementation", None)),
+                        "torch": torch.__version__, "transformers": transformers.__version__}
+
+    def path(self, settings: dict):
+        import hashlib
+        import json
+
+        blob = json.dumps({"settings": settings, "runtime": self.runtime}, sort_keys=True, default=str)
+        return self.directory / f"generations-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+
+    def _read(self, path) -> dict[str, str]:
+        import json
+
+        try:
+            return dict(json.loads(path.read_text())["completions"])
+        except (OSError, ValueError, KeyError, TypeError):  # absent, or torn by a crash: a miss, regenerated
+            return {}
+
+    def lookup(self, settings: dict, prompts: Sequence[str]) -> dict[str, str]:
+        """The cached completions of those of ``prompts`` that have one."""
+        stored = self._read(self.path(settings))
+        return {p: stored[p] for p in prompts if p in stored}
+
+    def store(self, settings: dict, completions: dict[str, str]) -> None:
+        import json
+        import os
+
+        path = self.path(settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**self._read(path), **completions}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"settings": settings, "runtime": self.runtime, "completions": merged},
+                                  default=str))
+        os.replace(tmp, path)

@@ -80,15 +80,17 @@ class SafetyMonitor:
 
 
 def aligned_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16,
-                    judge=None) -> list[dict]:
+                    judge=None, cache=None) -> list[dict]:
     """Benign prompts with the aligned model's own answers (the adapter disabled, greedy), for CSM's replay:
     repair then restores the aligned behaviour on both sides of the refusal boundary, not refusal alone.
-    Answers the refusal ``judge`` (default: keyword) calls refusals, and empty ones, are dropped."""
+    Answers the refusal ``judge`` (default: keyword) calls refusals, and empty ones, are dropped. ``cache``: a
+    ``generation.GenerationCache`` of the aligned model (the answers are the same in every run on it)."""
     from .generation import generate
     from .judges import KeywordRefusalJudge
 
     with model.disable_adapter():
-        answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="CSM look-alikes")
+        answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="CSM look-alikes",
+                           cache=cache)
     labels = (judge or KeywordRefusalJudge())(prompts, answers)
     return [{"prompt": p, "response": a} for p, a, lbl in zip(prompts, answers, labels) if lbl == 0 and a.strip()]
 

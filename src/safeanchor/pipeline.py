@@ -126,13 +126,16 @@ class _Recorder:
         self.progress(f"[{self.cfg.method}] after {entry['after']}: refusal {entry['refusal_rate']:.1f}%  "
                       f"over-refusal {entry['over_refusal_rate']:.1f}%  domain scores {entry['domain_scores']}")
 
-    def measure(self, k: int, after: str) -> dict:
+    def measure(self, k: int, after: str, base: bool = False) -> dict:
+        """Step k's numbers; ``base``: the model is the aligned base (adapter disabled), whose completions
+        come from and go to ``ctx.generation_cache``."""
         cfg, ctx = self.cfg, self.ctx
         t0 = time.time()
         judges = self.judge  # a judges.JudgeSet (refusal / harm / monitor), or one refusal judge
         out = evaluate_step(ctx.model, ctx.tokenizer, getattr(judges, "refusal", judges), cfg, self.probe, self.benign,
                             self.domain_evals, ctx.run_dir / "generations" / f"{k}-{after}.jsonl", dist=ctx.dist,
-                            harm_judge=getattr(judges, "harm", None), heldout=self.heldout)
+                            harm_judge=getattr(judges, "harm", None), heldout=self.heldout,
+                            cache=ctx.generation_cache if base else None)
         if hasattr(judges, "monitor"):
             out["monitor_judge"], out["monitor_measures"] = judges.monitor.name, judges.monitor.measures
         if cfg.eval.tasks and ctx.dist.is_main:  # the evaluation suite runs on rank 0 alone (it writes the results)
@@ -190,11 +193,15 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
     ctx = Context(cfg=cfg, model=model, tokenizer=tok, run_dir=run_dir, method=method, calibration=calib,
                   repair_examples=repair, monitor_prompts=monitor, evaluator=_refusal_evaluator(judge),
                   base_dir=base_dir, dist=dist)
+    if base_dir is not None and cfg.eval.base_cache:
+        from .generation import GenerationCache
+
+        ctx.generation_cache = GenerationCache(Path(base_dir) / "generation_cache", model)
     rec = _Recorder(cfg, ctx, judge, domains, base_dir, progress)
 
     if not rec.results["steps"]:
         with ctx.model.disable_adapter():
-            rec.finish_step({"after": "base", **rec.measure(0, "base"), "adapter": None})
+            rec.finish_step({"after": "base", **rec.measure(0, "base", base=True), "adapter": None})
     if rec.results["prepare"] is None:
         seed_everything(cfg.seed, 1)
         t0 = time.time()
@@ -264,8 +271,17 @@ def _refusal_evaluator(judge):
                                 ctx.dist)
         return round(rate, 2)
 
+    def base_rate(ctx, prompts: list[str]) -> float:
+        """s_t of the aligned base itself (the adapter disabled; completions through ctx.generation_cache)."""
+        ec = ctx.cfg.eval
+        with ctx.model.disable_adapter():
+            rate, _ = judge_prompts(ctx.model, ctx.tokenizer, monitor, prompts, ec.max_new_tokens, ec.batch_size,
+                                    "monitor", ctx.dist, getattr(ctx, "generation_cache", None))
+        return round(rate, 2)
+
     evaluate.measures = monitor.measures
     evaluate.judge = monitor.name
+    evaluate.base = base_rate
     return evaluate
 
 

@@ -32,6 +32,8 @@ class Context:
     monitor_prompts: list = field(default_factory=list)  # harmful prompts for in-run monitoring (CSM)
     domain_examples: dict = field(default_factory=dict)  # domain -> training examples (after domain_data)
     evaluator: object = None  # callable(ctx, prompts) -> refusal rate, set by the pipeline
+    # greedy completions of the aligned base (generation.GenerationCache), for what runs with the adapter off
+    generation_cache: object = None
     current_domain: str | None = None
     log: list = field(default_factory=list)
     # this process's place in a data-parallel group (distributed.py); the default is a single process

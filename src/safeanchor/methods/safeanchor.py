@@ -198,12 +198,16 @@ class SafeAnchor(Method):
                                                   max_rank=o.max_rank or None, **self._ssi_kwargs(ctx)), ctx)
         rec = {"subspace": self.spectrum()}
         if o.csm:
-            self.s0 = self._monitor(ctx).set_baseline(ctx.model, ctx.tokenizer)
+            base_rate = getattr(ctx.evaluator, "base", None)  # the pipeline's: adapter off, cached completions
+            if base_rate is not None:
+                self.s0 = base_rate(ctx, ctx.monitor_prompts)
+            else:
+                self.s0 = self._monitor(ctx).set_baseline(ctx.model, ctx.tokenizer)
             rec["s0"] = self.s0
             if o.repair_lookalikes > 0:
                 self.lookalikes = aligned_answers(ctx.model, ctx.tokenizer,
                                                   builtin_lookalikes(o.repair_lookalikes, ctx.cfg.seed), 48,
-                                                  ctx.cfg.eval.batch_size)
+                                                  ctx.cfg.eval.batch_size, cache=getattr(ctx, "generation_cache", None))
                 rec["repair_lookalikes"] = len(self.lookalikes)
         return rec
 
