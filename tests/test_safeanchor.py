@@ -177,6 +177,23 @@ def test_csm_repair_stops_once_restored(tmp_path, rates, steps, s_after, n_check
     assert not queue
 
 
+@pytest.mark.parametrize("restore, rates, steps", [
+    (0.0, [100.0, 90.0, 96.0], [10]),                          # the paper: stop at the first check past 95
+    (1.0, [100.0, 90.0, 96.0, 96.0, 97.0, 100.0], [25, 10]),   # hysteresis: on to s_0, a second block
+    (1.0, [100.0, 90.0, 96.0, 99.0, 100.0], [25]),             # back to s_0 after the first block's end
+    (0.5, [100.0, 90.0, 96.0], [10]),                          # below the threshold: the threshold rules
+])
+def test_csm_repair_restores_to_the_restore_level(tmp_path, restore, rates, steps):
+    queue = list(rates)
+    ctx, _ = _ctx(tmp_path, {"repair_steps": 25, "repair_check_every": 10, "max_repair_blocks": 2, "gamma": 0.0,
+                             "incremental": False, "repair_lookalikes": 0, "repair_restore": restore},
+                  evaluator=lambda c, p: queue.pop(0))
+    ctx.method.prepare(ctx)
+    rec = ctx.method.after_domain(ctx, 1, "tiny")["csm"]
+    assert [b["steps"] for b in rec["blocks"]] == steps and rec["s_after"] == rates[-1] and not queue
+    assert rec["threshold"] == 95.0 and rec["restore_level"] == max(95.0, 100.0 * restore)
+
+
 def test_csm_repair_data_holds_aligned_answers_to_lookalikes(tmp_path):
     from safeanchor.data.safety import benign_borderline, benign_direct
     from safeanchor.generation import generate

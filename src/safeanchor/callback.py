@@ -164,9 +164,7 @@ class SafeAnchorCallback(TrainerCallback):
         record["logs"] = {k: sum(lg[k] for lg in self._logs if k in lg) / max(1, sum(k in lg for lg in self._logs))
                           for k in keys}
         if self.monitor is not None:
-            settings = RepairSettings(steps=o.repair_steps, lr=o.repair_lr or args.learning_rate, beta=o.beta,
-                                      max_blocks=o.max_repair_blocks, check_every=o.repair_check_every,
-                                      batch_size=args.per_device_train_batch_size, mode=o.project)
+            settings = RepairSettings.of(o, args.learning_rate, args.per_device_train_batch_size)
             strengths = dict(self.projector.strengths)
             safety = self.repair_examples + self.lookalikes
             record["csm"] = monitor_and_repair(self.monitor, model, self.tokenizer, self._task or safety,

@@ -119,6 +119,14 @@ class RepairSettings:
     check_every: int = 5       # re-measure every N steps, stop once restored (0 = paper: whole blocks)
     batch_size: int = 8        # safety replay batch size
     mode: str = "update"       # the projector's mode for the task part (update | gradient | none)
+    restore: float = 0.0       # repair until s_t >= max(restore, 1 - tau) s_0 (0 = the trigger threshold, paper)
+
+    @classmethod
+    def of(cls, options, lr: float, batch_size: int) -> "RepairSettings":
+        """The settings of SafeAnchor's options (``SafeAnchorConfig``): the method's and the callback's."""
+        return cls(steps=options.repair_steps, lr=options.repair_lr or lr, beta=options.beta,
+                   max_blocks=options.max_repair_blocks, check_every=options.repair_check_every,
+                   batch_size=batch_size, mode=options.project, restore=options.repair_restore)
 
 
 def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: list[dict], subspace: SafetySubspace,
@@ -160,13 +168,19 @@ def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: l
 def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: list[dict],
                        safety_examples: list[dict], subspace: SafetySubspace, strengths: dict[str, float],
                        settings: RepairSettings, train, *, seed: int = 0, stage: int = 1, dist=None) -> dict:
-    """CSM after stage ``stage``: measure s_t; while s_t < (1 - tau) s_0 and fewer than ``max_blocks`` blocks
-    ran, repair and re-measure. Returns the record (s0, threshold, s_before, blocks, triggered, s_after)."""
+    """CSM after stage ``stage``: measure s_t; if s_t < (1 - tau) s_0, repair and re-measure while s_t is below
+    the restore level (``settings.restore`` s_0, at least the threshold) and fewer than ``max_blocks`` blocks
+    ran. A restore level above the threshold is a hysteresis: a 60-prompt monitor has a binomial sd of about
+    6 points, so a block that stops at the first re-measurement past the threshold stops on an upward
+    fluctuation as often as not. Returns the record (s0, threshold, restore_level, s_before, blocks,
+    triggered, s_after)."""
     threshold = monitor.threshold
+    level = max(threshold, settings.restore * monitor.s0)
     s_t = monitor.rate(model, tokenizer)
-    rec = {"s0": monitor.s0, "threshold": round(threshold, 2), "s_before": s_t, "blocks": []}
+    rec = {"s0": monitor.s0, "threshold": round(threshold, 2), "restore_level": round(level, 2), "s_before": s_t,
+           "blocks": []}
     blocks = 0
-    while s_t < threshold and blocks < settings.max_blocks:
+    while (s_t < threshold if blocks == 0 else s_t < level) and blocks < settings.max_blocks:
         blocks += 1
         checks: list[tuple[int, float]] = []
 
@@ -174,7 +188,7 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
             if not settings.check_every or k % settings.check_every:
                 return False
             checks.append((k, monitor.rate(model, tokenizer)))
-            return checks[-1][1] >= threshold
+            return checks[-1][1] >= level
 
         hist = repair_block(model, tokenizer, task_examples, safety_examples, subspace, strengths, settings, train,
                             seed=seed, stream=20_000 + 10 * stage + blocks, stop=restored, dist=dist,

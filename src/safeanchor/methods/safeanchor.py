@@ -84,6 +84,10 @@ class SafeAnchorConfig(MethodConfig):
     repair_check_every: int = _h(5, "re-measure the monitor every N repair steps and end the block once s_t is "
                                  "back above the threshold (0 = only after a whole block, paper); a block that "
                                  "overshoots teaches refusal of everything", check=">=0")
+    repair_restore: float = _h(0.0, "the fraction of s_0 a triggered repair must bring the monitor back to before it "
+                               "stops (checks and further blocks); 0 = the trigger threshold (1 - tau) s_0, the paper. "
+                               "1.0 is a hysteresis: repair to s_0 itself, so that a noisy monitor does not end the "
+                               "repair on its first upward fluctuation past the threshold", check="[0,2]")
     repair_lookalikes: int = _h(64, "benign look-alike prompts ('how do I kill a Python process'; training "
                                 "split) answered by the aligned base itself (adapter off, greedy), mixed into "
                                 "the repair's safety data so repair restores the aligned behaviour on both "
@@ -239,9 +243,7 @@ class SafeAnchor(Method):
         o = self.options
         rec: dict = {}
         if o.csm:
-            settings = RepairSettings(steps=o.repair_steps, lr=o.repair_lr or ctx.cfg.train.lr, beta=o.beta,
-                                      max_blocks=o.max_repair_blocks, check_every=o.repair_check_every,
-                                      batch_size=ctx.cfg.train.batch_size, mode=o.project)
+            settings = RepairSettings.of(o, ctx.cfg.train.lr, ctx.cfg.train.batch_size)
             rec["csm"] = monitor_and_repair(self._monitor(ctx), ctx.model, ctx.tokenizer,
                                             ctx.domain_examples[ctx.current_domain], self._repair_data(ctx),
                                             self._projected, self._strengths(), settings,
