@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -537,7 +538,7 @@ def cmd_compare(args) -> int:
             raise SafeAnchorError(f"{path} does not exist; pass run directories made by `safeanchor run`")
         res = json.loads(path.read_text())
         if args.by_dir:  # the directory name without -seed<k> and without the ordering part of --orderings
-            label = re.sub(r"-seed\d+$", "", Path(d).resolve().name)
+            label = re.sub(r"-seed\d+$", "", Path(os.path.abspath(d)).name)  # a symlink's own name, not its target's
             slug = "-" + ordering_slug(res.get("domains", []))
             label = label[: -len(slug)] if label.endswith(slug) and len(label) > len(slug) else label
         else:
