@@ -98,6 +98,15 @@ def test_orderings_run_resume_with_jobs_and_compare(tmp_path, capsys):
     assert code == 0
     cmp = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert list(cmp["methods"]) == ["standard"] and cmp["interval"]["replicates"] == 200
+    # a symlink is labelled by its own name (runs of one method told apart by directory)
+    links = tmp_path / "links"
+    links.mkdir()
+    for i, n in enumerate(names):
+        (links / f"variant{i}-seed0").symlink_to(out / n, target_is_directory=True)
+    assert main(["compare", *map(str, sorted(links.iterdir())), "--by-dir", "--bootstrap", "50",
+                 "--out", str(tmp_path / "cmp-links")]) == 0
+    cmp = json.loads((tmp_path / "cmp-links" / "comparison.json").read_text())
+    assert sorted(cmp["methods"]) == ["variant0", "variant1"]
     assert main(["compare", str(out / names[0]), str(out / names[0]), "--out", str(tmp_path / "c2")]) == 2
     assert "pass each run once" in capsys.readouterr().err
     assert main(["compare", str(out / names[0]), "--bootstrap", "0", "--out", str(tmp_path / "c3")]) == 2
