@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align quickstart orders random-basis categories example compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart orders random-basis parts categories example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
@@ -22,6 +22,13 @@ for stage in $STAGES; do
     random-basis) # does the Fisher information matter? SafeAnchor with a random basis of the same sizes, 2 seeds
                $SA run --preset quickstart --method safeanchor --seed 0,1 --jobs 2 \
                  --set method_options.safeanchor.basis=random --out runs/ablation-random ;;
+    parts)     # which part protects, 2 seeds each on this base: the anchor alone, CSM alone
+               $SA run --preset quickstart --method safeanchor --seed 0,1 --jobs 2 \
+                 --set method_options.safeanchor.project=none --set method_options.safeanchor.csm=false \
+                 --out runs/ablation-anchor-only
+               $SA run --preset quickstart --method safeanchor --seed 0,1 --jobs 2 \
+                 --set method_options.safeanchor.project=none --set method_options.safeanchor.gamma=0 \
+                 --out runs/ablation-csm-only ;;
     categories) # one safety subspace per coarse harm category at the aligned base
                $SA analyze category-subspaces --preset quickstart --per-category 32 --out runs/category-subspaces ;;
     example)   # SafeAnchor in a user's own TRL SFTTrainer script, and the same script without it
