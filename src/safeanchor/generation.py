@@ -16,6 +16,10 @@ seed, the prompts, their order, n and batch_size fix every sample. The model's t
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -107,16 +111,17 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 64, batc
     ``cache``: a ``GenerationCache`` of this very model (the caller vouches for that, e.g. the aligned base
     with the adapter disabled): greedy string prompts found there are not generated again, the others are
     generated and added."""
-    if cache is None or options.get("sample") or not all(isinstance(p, str) for p in prompts):
-        return [c[0] for c in generate_samples(model, tokenizer, prompts, 1, max_new_tokens=max_new_tokens,
+    def fresh(ps) -> list[str]:
+        return [c[0] for c in generate_samples(model, tokenizer, ps, 1, max_new_tokens=max_new_tokens,
                                                batch_size=batch_size, desc=desc, progress=progress, **options)]
+
+    if cache is None or options.get("sample") or not all(isinstance(p, str) for p in prompts):
+        return fresh(prompts)
     settings = {"max_new_tokens": int(max_new_tokens), "batch_size": int(batch_size), **options}
     found = cache.lookup(settings, prompts)
     missing = list(dict.fromkeys(p for p in prompts if p not in found))
     if missing:
-        made = [c[0] for c in generate_samples(model, tokenizer, missing, 1, max_new_tokens=max_new_tokens,
-                                               batch_size=batch_size, desc=desc, progress=progress, **options)]
-        new = dict(zip(missing, made))
+        new = dict(zip(missing, fresh(missing)))
         cache.store(settings, new)
         found.update(new)
     return [found[p] for p in prompts]
@@ -136,8 +141,6 @@ class GenerationCache:
     def __init__(self, directory, model):
         import transformers
 
-        from pathlib import Path
-
         self.directory = Path(directory)
         param = next(model.parameters())
         config = getattr(model, "config", None)
@@ -145,16 +148,11 @@ class GenerationCache:
                         "attn": str(getattr(config, "_attn_implementation", None)),
                         "torch": torch.__version__, "transformers": transformers.__version__}
 
-    def path(self, settings: dict):
-        import hashlib
-        import json
-
+    def path(self, settings: dict) -> Path:
         blob = json.dumps({"settings": settings, "runtime": self.runtime}, sort_keys=True, default=str)
         return self.directory / f"generations-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
 
-    def _read(self, path) -> dict[str, str]:
-        import json
-
+    def _read(self, path: Path) -> dict[str, str]:
         try:
             return dict(json.loads(path.read_text())["completions"])
         except (OSError, ValueError, KeyError, TypeError):  # absent, or torn by a crash: a miss, regenerated
@@ -166,9 +164,6 @@ class GenerationCache:
         return {p: stored[p] for p in prompts if p in stored}
 
     def store(self, settings: dict, completions: dict[str, str]) -> None:
-        import json
-        import os
-
         path = self.path(settings)
         path.parent.mkdir(parents=True, exist_ok=True)
         merged = {**self._read(path), **completions}

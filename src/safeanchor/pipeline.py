@@ -265,19 +265,16 @@ def _refusal_evaluator(judge):
 
     monitor = getattr(judge, "monitor", judge)
 
-    def evaluate(ctx, prompts: list[str]) -> float:
+    def evaluate(ctx, prompts: list[str], cache=None) -> float:
         ec = ctx.cfg.eval
         rate, _ = judge_prompts(ctx.model, ctx.tokenizer, monitor, prompts, ec.max_new_tokens, ec.batch_size, "monitor",
-                                ctx.dist)
+                                ctx.dist, cache)
         return round(rate, 2)
 
     def base_rate(ctx, prompts: list[str]) -> float:
         """s_t of the aligned base itself (the adapter disabled; completions through ctx.generation_cache)."""
-        ec = ctx.cfg.eval
         with ctx.model.disable_adapter():
-            rate, _ = judge_prompts(ctx.model, ctx.tokenizer, monitor, prompts, ec.max_new_tokens, ec.batch_size,
-                                    "monitor", ctx.dist, getattr(ctx, "generation_cache", None))
-        return round(rate, 2)
+            return evaluate(ctx, prompts, ctx.generation_cache)
 
     evaluate.measures = monitor.measures
     evaluate.judge = monitor.name
