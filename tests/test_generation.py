@@ -252,3 +252,58 @@ def test_generation_cache_reuses_extends_and_keys_by_settings(tmp_path, generate
     generate(model, tok, PROMPTS[:1], 12, 3, cache=cache, sample=True, seed=0)
     assert calls == [PROMPTS[:1]]  # sampled: never cached
     assert not list((tmp_path / "c").glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- bf16 generation (eval.mixed_precision)
+
+def test_bf16_generation_runs_under_autocast_and_is_cached_apart(tmp_path, generated, model, tok):
+    """mixed_precision="bf16": every forward of generate runs under bf16 autocast with the weights left in
+    float32, the completions are those of the reference loop run under the same autocast, and a cache keeps
+    them apart from fp32's (they can differ)."""
+    import safeanchor.generation as g
+
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"),
+                                                                            o.dtype)))
+    try:
+        got = generate(model, tok, PROMPTS, 10, 3, mixed_precision="bf16")
+        assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen)
+        seen.clear()
+        generate(model, tok, PROMPTS[:2], 4, 3)
+        assert seen and not any(on for on, _ in seen) and {d for _, d in seen} == {torch.float32}
+    finally:
+        hook.remove()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert got == reference_generate(model, tok, PROMPTS, 10, 3)
+    cache = g.GenerationCache(tmp_path / "c", model)
+    generate(model, tok, PROMPTS, 10, 3, cache=cache)
+    generated.clear()
+    assert generate(model, tok, PROMPTS, 10, 3, cache=cache, mixed_precision="bf16") == got
+    assert generated == [PROMPTS]  # fp32's entries are not bf16's
+    with pytest.raises(ValueError, match="mixed_precision"):
+        generate(model, tok, PROMPTS, mixed_precision="fp16")
+
+
+def test_eval_mixed_precision_reaches_every_generation_of_a_step(monkeypatch, tok):
+    """eval.mixed_precision is handed to the evaluation's generations (probe, benign, held-out), to the
+    monitor and to the look-alikes' answers; a value other than no / bf16 is a config error."""
+    from safeanchor import evaluation, generation, monitor
+    from safeanchor.config import config_from_dict
+    from safeanchor.errors import SafeAnchorError
+    from safeanchor.judges import get_judge
+
+    used = []
+    monkeypatch.setattr(generation, "generate_samples",
+                        lambda m, t, ps, n=1, **kw: used.append(kw["mixed_precision"]) or [["I cannot help."]
+                                                                                           for _ in ps])
+    cfg = config_from_dict({"eval": {"mixed_precision": "bf16"}})
+    m = tiny_model(seed=1)
+    evaluation.evaluate_step(m, tok, get_judge("keyword"), cfg, ["a"], ["b"], {}, heldout={"x": ["c"]})
+    assert used == ["bf16"] * 3
+    used.clear()
+    assert monitor.SafetyMonitor(["a"], mixed_precision="bf16").rate(m, tok) == 100.0 and used == ["bf16"]
+    with pytest.raises(SafeAnchorError, match="mixed_precision"):
+        monitor.SafetyMonitor(["a"], mixed_precision="fp8")
+    with pytest.raises(SafeAnchorError, match="mixed_precision"):
+        config_from_dict({"eval": {"mixed_precision": "fp16"}})

@@ -79,6 +79,7 @@ class SafeAnchorCallback(TrainerCallback):
             self.config = replace(self.config, csm=False)
         self.calibration, self.tokenizer, self.max_length, self.seed = list(calibration), tokenizer, max_length, seed
         self.repair_examples = list(repair_examples) if repair_examples is not None else list(calibration)
+        self._own_monitor = monitor is None  # ours follows TrainingArguments.bf16 (generation under bf16 autocast)
         if monitor is None and self.config.csm:
             monitor = SafetyMonitor(monitor_prompts, judge, tau=self.config.tau)
         self.monitor = monitor if self.config.csm else None
@@ -107,6 +108,9 @@ class SafeAnchorCallback(TrainerCallback):
         if problem:
             raise SafeAnchorError(problem)
         o, model = self.config, self._peft(model)
+        precision = "bf16" if getattr(args, "bf16", False) else "no"
+        if self.monitor is not None and self._own_monitor:
+            self.monitor.mixed_precision = precision
         record = {"stage": len(self.records) + 1}
         if self.subspace is None:
             self.subspace = SafetySubspace.compute(model, self.calibration, self.tokenizer, rho=o.rho,
@@ -118,7 +122,7 @@ class SafeAnchorCallback(TrainerCallback):
                 if o.repair_lookalikes > 0:
                     prompts = (self.benign_prompts[:o.repair_lookalikes] if self.benign_prompts is not None
                                else builtin_lookalikes(o.repair_lookalikes, self.seed))
-                    self.lookalikes = aligned_answers(model, self.tokenizer, prompts)
+                    self.lookalikes = aligned_answers(model, self.tokenizer, prompts, mixed_precision=precision)
                     record["repair_lookalikes"] = len(self.lookalikes)
         alpha = self.subspace.alpha(o.lam, o.trace_norm, o.strict)
         record["subspace"] = self.subspace.spectrum(alpha)

@@ -246,8 +246,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16"] = _f("no", "bf16: forward passes of training (task loss, penalties, the "
                                                 "anchor and CSM's replay terms, SafeGrad's alignment loss) under "
                                                 "torch.autocast in bfloat16, on GPU or CPU (AMX); LoRA weights, "
-                                                "gradients and AdamW state stay float32. SSI, evaluation and "
-                                                "generation stay in the model's dtype")
+                                                "gradients and AdamW state stay float32. SSI, the domain scores and "
+                                                "generation stay in the model's dtype (generation: see "
+                                                "eval.mixed_precision)")
 
 
 @dataclass
@@ -308,6 +309,13 @@ class EvalConfig:
                     "it reads as eval.refusal_judge", check=_judge("refusal"))
     max_new_tokens: int = _f(64, "greedy generation length for judged responses", check=">=1")
     batch_size: int = _f(16, "generation batch size", check=">=1")
+    mixed_precision: Literal["no", "bf16"] = _f("no", "bf16: the run's own greedy generations (the refusal, "
+                                                "over-refusal and held-out-style evaluation, CSM's monitor and "
+                                                "s_0, the look-alikes' answers; not eval.tasks, nor the alignment "
+                                                "stage, whose artifact stays reproducible) under torch.autocast in "
+                                                "bfloat16, on GPU or CPU (AMX: 2.3x faster here); 'no': the model's "
+                                                "dtype. Completions can differ from fp32's in a few tokens, so "
+                                                "compare runs made with the same setting")
     base_cache: bool = _f(True, "keep the aligned base's greedy completions (its step-0 evaluation, CSM's s_0, the "
                           "look-alikes' answers) in the base's directory and reuse them in every later run on that "
                           "base, whatever the method or seed (no effect without the alignment stage)")

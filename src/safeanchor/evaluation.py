@@ -27,17 +27,18 @@ from .generation import generate
 
 
 def generate_judged(model, tokenizer, judges: dict, prompts: list[str], max_new_tokens: int, batch_size: int,
-                    desc: str, dist=None, cache=None) -> list[dict]:
+                    desc: str, dist=None, cache=None, mixed_precision: str = "no") -> list[dict]:
     """Generate one greedy completion per prompt and label it with every judge of ``judges`` (record key ->
     judge): records ``{"prompt", "completion", <key>: label, ...}`` in prompt order (a model judge's parsed
     output goes to ``<key>_details``). With a data-parallel ``dist`` each process generates and judges its
-    share; every process gets all records. ``cache``: ``generation.GenerationCache`` of this model."""
+    share; every process gets all records. ``cache``: ``generation.GenerationCache`` of this model;
+    ``mixed_precision``: that of ``generation.generate_samples`` ("no" or "bf16")."""
     from .distributed import Dist
 
     dist = dist or Dist()
     mine = dist.split(prompts)
     completions = generate(model, tokenizer, mine, max_new_tokens, batch_size, desc=desc, progress=dist.is_main,
-                           cache=cache)
+                           cache=cache, mixed_precision=mixed_precision)
     records = [{"prompt": p, "completion": c} for p, c in zip(mine, completions)]
     for key, judge in judges.items():
         labels = judge(mine, completions) if mine else []
@@ -55,11 +56,11 @@ def rate_of(records: list[dict], key: str = "label", value: int = 1) -> float:
 
 
 def judge_prompts(model, tokenizer, judge, prompts: list[str], max_new_tokens: int, batch_size: int,
-                  desc: str, dist=None, cache=None) -> tuple[float, list[dict]]:
+                  desc: str, dist=None, cache=None, mixed_precision: str = "no") -> tuple[float, list[dict]]:
     """(% labelled 1 by the judge, records). Unparseable (-1) count as not-1 and are reported. With a
     data-parallel ``dist`` each process generates and judges its share; every process gets all records."""
     records = generate_judged(model, tokenizer, {"label": judge}, prompts, max_new_tokens, batch_size, desc, dist,
-                              cache)
+                              cache, mixed_precision)
     return rate_of(records), records
 
 
@@ -112,14 +113,15 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
                               f"llamaguard, wildguard, harmbench (eval.harm_judge) or none")
     ec = cfg.eval
     probe_judges = {"label": judge, **({"harm_label": harm_judge} if harm_judge is not None else {})}
+    mp = ec.mixed_precision
     harm_records = generate_judged(model, tokenizer, probe_judges, probe, ec.max_new_tokens, ec.batch_size,
-                                   "eval harmful", dist, cache)
+                                   "eval harmful", dist, cache, mp)
     benign_records = generate_judged(model, tokenizer, {"label": judge}, benign, ec.max_new_tokens, ec.batch_size,
-                                     "eval benign", dist, cache)
+                                     "eval benign", dist, cache, mp)
     heldout_records = []
     for name, prompts in (heldout or {}).items():
         recs = generate_judged(model, tokenizer, {"label": judge}, prompts, ec.max_new_tokens, ec.batch_size,
-                               f"eval {name}", dist, cache)
+                               f"eval {name}", dist, cache, mp)
         heldout_records += [{**r, "heldout_set": name} for r in recs]
     scores, nlls = {}, {}
     for name, examples in domain_evals.items():

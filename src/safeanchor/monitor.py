@@ -36,15 +36,18 @@ class SafetyMonitor:
     ``judge``: a refusal judge (label 1 = refused; default the offline keyword judge), or a harm judge
     such as Llama Guard, as the paper monitors (label 1 = safe response): s_t is then the % of safe
     responses; ``measures`` says which. ``rate_fn(model, tokenizer) -> %`` replaces generation + judging
-    (e.g. the pipeline's data-parallel evaluator, or a test's fixed sequence).
+    (e.g. the pipeline's data-parallel evaluator, or a test's fixed sequence). ``mixed_precision``: "no" or
+    "bf16" (generation under bf16 autocast, ``generation.generate_samples``).
     """
 
     def __init__(self, prompts: list[str], judge=None, *, tau: float = 0.05, max_new_tokens: int = 64,
-                 batch_size: int = 16, rate_fn: Callable | None = None, dist=None):
+                 batch_size: int = 16, rate_fn: Callable | None = None, dist=None, mixed_precision: str = "no"):
         if not prompts and rate_fn is None:
             raise SafeAnchorError("the safety monitor has no prompts; give harmful monitor prompts (data.monitor_source)")
         if not 0.0 <= tau < 1.0:
             raise SafeAnchorError(f"tau must be in [0, 1), got {tau}")
+        if mixed_precision not in ("no", "bf16"):
+            raise SafeAnchorError(f"mixed_precision={mixed_precision!r}: use 'no' or 'bf16'")
         if judge is None and rate_fn is None:
             from .judges import get_judge
 
@@ -55,6 +58,7 @@ class SafetyMonitor:
                                   "refusal judge (label 1 = refused) or a harm judge (label 1 = safe response)")
         self.prompts, self.judge, self.tau, self.measures = list(prompts), judge, tau, measures
         self.max_new_tokens, self.batch_size, self.rate_fn, self.dist = max_new_tokens, batch_size, rate_fn, dist
+        self.mixed_precision = mixed_precision
         self.s0: float | None = None
 
     def rate(self, model, tokenizer) -> float:
@@ -64,7 +68,7 @@ class SafetyMonitor:
         from .evaluation import judge_prompts
 
         rate, _ = judge_prompts(model, tokenizer, self.judge, self.prompts, self.max_new_tokens, self.batch_size,
-                                "monitor", self.dist)
+                                "monitor", self.dist, mixed_precision=self.mixed_precision)
         return round(rate, 2)
 
     def set_baseline(self, model, tokenizer) -> float:
@@ -80,17 +84,18 @@ class SafetyMonitor:
 
 
 def aligned_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16,
-                    judge=None, cache=None) -> list[dict]:
+                    judge=None, cache=None, mixed_precision: str = "no") -> list[dict]:
     """Benign prompts with the aligned model's own answers (the adapter disabled, greedy), for CSM's replay:
     repair then restores the aligned behaviour on both sides of the refusal boundary, not refusal alone.
     Answers the refusal ``judge`` (default: keyword) calls refusals, and empty ones, are dropped. ``cache``: a
-    ``generation.GenerationCache`` of the aligned model (the answers are the same in every run on it)."""
+    ``generation.GenerationCache`` of the aligned model (the answers are the same in every run on it);
+    ``mixed_precision``: "no" or "bf16" (``generation.generate_samples``)."""
     from .generation import generate
     from .judges import KeywordRefusalJudge
 
     with model.disable_adapter():
         answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="CSM look-alikes",
-                           cache=cache)
+                           cache=cache, mixed_precision=mixed_precision)
     labels = (judge or KeywordRefusalJudge())(prompts, answers)
     return [{"prompt": p, "response": a} for p, a, lbl in zip(prompts, answers, labels) if lbl == 0 and a.strip()]
 

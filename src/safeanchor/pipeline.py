@@ -268,7 +268,7 @@ def _refusal_evaluator(judge):
     def evaluate(ctx, prompts: list[str], cache=None) -> float:
         ec = ctx.cfg.eval
         rate, _ = judge_prompts(ctx.model, ctx.tokenizer, monitor, prompts, ec.max_new_tokens, ec.batch_size, "monitor",
-                                ctx.dist, cache)
+                                ctx.dist, cache, ec.mixed_precision)
         return round(rate, 2)
 
     def base_rate(ctx, prompts: list[str]) -> float:

@@ -211,7 +211,8 @@ class SafeAnchor(Method):
             if o.repair_lookalikes > 0:
                 self.lookalikes = aligned_answers(ctx.model, ctx.tokenizer,
                                                   builtin_lookalikes(o.repair_lookalikes, ctx.cfg.seed), 48,
-                                                  ctx.cfg.eval.batch_size, cache=getattr(ctx, "generation_cache", None))
+                                                  ctx.cfg.eval.batch_size, cache=getattr(ctx, "generation_cache", None),
+                                                  mixed_precision=ctx.cfg.eval.mixed_precision)
                 rec["repair_lookalikes"] = len(self.lookalikes)
         return rec
 
