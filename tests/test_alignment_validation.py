@@ -176,6 +176,18 @@ def test_heldout_sets_are_measured_each_with_an_interval(monkeypatch, tmp_path):
         assert cell["n"] == 7 and cell["refusal_rate"] == pytest.approx(100 * k / 7, abs=0.01), (name, seed)
         assert cell["ci95"] == pytest.approx([100 * lo, 100 * hi], abs=0.01), (name, seed)
     assert out["refusal_by_set"]["harmbench"]["n"] == 2
+    # our direct questions by coarse harm category (the tense sets carry none): counted by hand
+    coarse = {r["prompt"]: safety.COARSE_SLUGS[safety.coarse_category("harmful_direct_eval_selfwritten",
+                                                                      r["category"])]
+              for r in safety.harmful_direct_eval(with_meta=True)}
+    by_cat: dict = {}
+    for p in heldout["direct_questions"]:
+        by_cat.setdefault(coarse[p], []).append(answers[p].startswith("I'm sorry"))
+    assert set(out["refusal_by_category"]) == set(by_cat), seed
+    for slug, flags in by_cat.items():
+        cell = out["refusal_by_category"][slug]
+        assert cell["n"] == len(flags) and cell["refusal_rate"] == pytest.approx(100 * sum(flags) / len(flags),
+                                                                                 abs=0.01), (slug, seed)
     recs = [json.loads(line) for line in (tmp_path / "generations" / "0-base.jsonl").read_text().splitlines()]
     assert sum(r["set"] == "heldout" for r in recs) == 14 and {r.get("heldout_set") for r in recs} >= set(heldout)
     results = {"method": "standard", "model": "m", "seed": 0, "domains": [], "steps": [{"after": "base",
@@ -184,6 +196,7 @@ def test_heldout_sets_are_measured_each_with_an_interval(monkeypatch, tmp_path):
     write_report(tmp_path, results)
     md = (tmp_path / "results.md").read_text()
     assert "held-out-style refusal %" in md and "direct_questions (n=7)" in md and "futuretense (n=7)" in md
+    assert "per coarse harm category" in md and f"{next(iter(by_cat))} (n=" in md
     run = RunData(results, load_generations(tmp_path, results))
     s = sample(run, "heldout_refusal_rate", 0)
     assert len(s.values) == 14 and s.values.mean() == pytest.approx(sum(refused) / 14), seed

@@ -75,3 +75,29 @@ def test_empty_set_value_is_empty_string_not_null():
 
     assert _overrides(["align.artifact=", "train.lr=0.0001"]) == {"align.artifact": "", "train.lr": 0.0001}
     assert load_config("quickstart", overrides=_overrides(["align.artifact="])).align.artifact == ""
+
+
+def test_the_docs_key_table_lists_every_config_key_with_its_default():
+    """docs/cli.md's configuration table has one row per RunConfig field, with the library default: a key
+    added to config.py without its row (train.mixed_precision once) fails here."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from safeanchor.config import RunConfig
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", text, flags=re.M))
+    cfg, want = RunConfig(), {}
+    for f in dataclasses.fields(cfg):
+        sec = getattr(cfg, f.name)
+        for g in (dataclasses.fields(sec) if dataclasses.is_dataclass(sec) else []):
+            want[f"{f.name}.{g.name}"] = getattr(sec, g.name)
+        if not dataclasses.is_dataclass(sec):
+            want[f.name] = sec
+    assert sorted(rows) == sorted(want)
+    for key, value in want.items():
+        shown = rows[key].strip('"')
+        expect = (str(value).lower() if isinstance(value, bool) else
+                  "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value))
+        assert shown == expect, f"{key}: docs say {rows[key]}, config.py {value!r}"

@@ -57,6 +57,34 @@ def test_offline_is_exactly_the_builtin_data_in_the_same_order():
         assert repair_set(cfg, calib) is calib
 
 
+def test_offline_restricted_to_categories_is_that_part_of_the_offline_data():
+    """offline:<cat>[,<cat>] is the offline calibration order with the other categories' prompts left out
+    (the refusals drawn in that order), and the monitor split's prompts of those categories; bad names and an
+    empty list are config errors that list the valid names."""
+    from safeanchor.data.safety import COARSE_SLUGS, coarse_category, refusal
+
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    wanted = set(rng.sample(sorted(set(COARSE_SLUGS.values()) - {"self-harm"}), 2))
+    train, monitor = harmful_split()
+    slug = {r["prompt"]: COARSE_SLUGS.get(coarse_category(r["source"], r["category"])) for r in train}
+    order = [train[i] for i in np.random.default_rng(4321).permutation(len(train))]
+    keep = [r for r in order if slug[r["prompt"]] in wanted]
+    r2 = random.Random(seed)
+    want = [{"prompt": r["prompt"], "response": refusal(r["prompt"], r2)} for r in keep[:40]]
+    spec = "offline:" + ",".join(sorted(wanted))
+    assert load_safety_examples(spec, 40, seed) == want, seed
+    from safeanchor.data.safety import harmful_prompts
+
+    pool = {r["prompt"]: COARSE_SLUGS.get(coarse_category(r["source"], r["category"])) for r in harmful_prompts()}
+    mon = [r["prompt"] for r in load_safety_examples(spec, None, seed, kind="monitor")]
+    assert mon == [p for p in monitor if pool[p] in wanted] and mon, seed
+    assert load_config("smoke", overrides={"data.safety_source": spec}).data.safety_source == spec
+    for bad in ("offline:", "offline:violins", "offline:violence,Violence"):
+        with pytest.raises(SafeAnchorError, match="coarse harm categories.*non-violent-crimes"):
+            load_config("smoke", overrides={"data.safety_source": bad})
+
+
 def test_monitor_size_zero_means_all():
     cfg = load_config("smoke", overrides={"eval.monitor_size": 0})
     assert len(safety_sets(cfg)[1]) == HELD_OUT_HARMFUL

@@ -260,7 +260,9 @@ class DataConfig:
     calibration_size: int = _f(500, "safety calibration examples N_s (paper: 500 from BeaverTails); a smaller "
                                "source gives all it has", check=">=1")
     safety_source: str = _f("offline", "calibration set D_safe: 'offline' (StrongREJECT + AdvBench + our own "
-                            "prompts, refusals written by us), 'local:<file.jsonl>' (one JSON object per line with "
+                            "prompts, refusals written by us), 'offline:<category>[,...]' (the same, only those coarse "
+                            "harm categories: disinformation, hate, illegal-goods, non-violent-crimes, sexual, "
+                            "violence, self-harm), 'local:<file.jsonl>' (one JSON object per line with "
                             "prompt and response), 'hub:beavertails' (PKU-Alignment/BeaverTails 330k_train, is_safe "
                             "rows: the paper's source) or 'hub:<dataset id>[:<split>]' with prompt/response columns",
                             check=_source("calibration"))

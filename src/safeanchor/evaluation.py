@@ -99,7 +99,8 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
     ``harm_judge``: None, or the harm judge of ``harmful_response_rate`` on the probe completions;
     ``heldout``: set name -> harmful prompts in styles never trained on (``eval.heldout_sets``), giving
     ``heldout_refusal_rate`` (all of them pooled), ``n_heldout`` and ``refusal_by_set`` (each set and the
-    probe, with 95% Wilson intervals). ``cache``: a ``generation.GenerationCache`` of this very model (the
+    probe, with 95% Wilson intervals) and, when our direct questions are among them, ``refusal_by_category``
+    (those questions by coarse harm category, ``data.safety.COARSE_SLUGS``). ``cache``: a ``generation.GenerationCache`` of this very model (the
     aligned base: its completions are the same in every run)."""
     from .stats import refusal_cell
     from .errors import SafeAnchorError
@@ -147,6 +148,16 @@ def evaluate_step(model, tokenizer, judge, cfg, probe: list[str], benign: list[s
         out["refusal_by_set"] = {"harmbench": cell(harm_records),
                                  **{name: cell([r for r in heldout_records if r["heldout_set"] == name])
                                     for name in heldout}}
+        from .data.safety import COARSE_SLUGS, direct_eval_categories
+
+        category = direct_eval_categories()
+        by_category: dict[str, list[dict]] = {}
+        for r in heldout_records:
+            if r["prompt"] in category:
+                by_category.setdefault(category[r["prompt"]], []).append(r)
+        if by_category:
+            out["refusal_by_category"] = {slug: cell(by_category[slug]) for slug in COARSE_SLUGS.values()
+                                          if slug in by_category}
     if harm_judge is not None:
         out["harmful_response_rate"] = round(rate_of(harm_records, "harm_label", 0), 2)
         out["n_harm_unparseable"] = sum(1 for r in harm_records if r["harm_label"] == -1)

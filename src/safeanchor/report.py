@@ -84,23 +84,27 @@ def trajectory_rows(results: dict) -> list[str]:
     return rows
 
 
-def by_set_rows(results: dict) -> list[str]:
-    """Refusal per harmful set (the probe and each ``eval.heldout_sets`` set) after every step, with its
-    95% Wilson interval; [] when no held-out set was measured."""
+BY_SET_TITLE = ("Refusal % per harmful set (95% Wilson interval; the held-out sets are styles the alignment "
+                "stage never trained on):")
+BY_CATEGORY_TITLE = ("Refusal % of our direct questions per coarse harm category (95% Wilson interval; "
+                     "evaluation only, never trained on):")
+
+
+def by_set_rows(results: dict, key: str = "refusal_by_set", title: str = BY_SET_TITLE) -> list[str]:
+    """Refusal per harmful set (the probe and each ``eval.heldout_sets`` set; ``key="refusal_by_category"``:
+    per harm category) after every step, with its 95% Wilson interval; [] when it was not measured."""
     from .stats import fmt_ci
 
-    steps = [s for s in results["steps"] if s.get("refusal_by_set")]
+    steps = [s for s in results["steps"] if s.get(key)]
     if not steps:
         return []
-    names = list(steps[0]["refusal_by_set"])
-    rows = ["Refusal % per harmful set (95% Wilson interval; the held-out sets are styles the alignment stage "
-            "never trained on):", "", "| after | " + " | ".join(f"{n} (n={steps[0]['refusal_by_set'][n]['n']})"
-                                                               for n in names) + " |",
+    names = list(steps[0][key])
+    rows = [title, "", "| after | " + " | ".join(f"{n} (n={steps[0][key][n]['n']})" for n in names) + " |",
             "|" + "---|" * (1 + len(names))]
     for s in steps:
         cells = []
         for n in names:
-            c = s["refusal_by_set"].get(n)
+            c = s[key].get(n)
             cells.append("n/a" if not c or c["refusal_rate"] is None else
                          f"{c['refusal_rate']:.1f} {fmt_ci(c['ci95'])}")
         rows.append(f"| {s['after']} | " + " | ".join(cells) + " |")
@@ -151,6 +155,7 @@ def write_report(run_dir: Path, results: dict) -> None:
     if _has_composite(results):
         lines += [composite_note(results), ""]
     lines += by_set_rows(results)
+    lines += by_set_rows(results, "refusal_by_category", BY_CATEGORY_TITLE)
     (run_dir / "results.md").write_text("\n".join(lines))
     plot_refusal(run_dir / "refusal.png", {results["method"]: results})
 

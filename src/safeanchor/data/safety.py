@@ -143,6 +143,13 @@ def harmful_direct_eval(with_meta: bool = False) -> list:
     return rows if with_meta else [r["prompt"] for r in rows]
 
 
+def direct_eval_categories() -> dict[str, str]:
+    """prompt -> coarse harm category slug (``COARSE_SLUGS``) of our 160 direct evaluation questions: the
+    evaluation's ``refusal_by_category``."""
+    return {r["prompt"]: COARSE_SLUGS[coarse_category("harmful_direct_eval_selfwritten", r["category"])]
+            for r in _direct_eval()}
+
+
 def heldout_set(name: str, n: int | None = None) -> list[str]:
     """The first ``n`` prompts of one of ``HELDOUT_SETS`` (evaluation only; a tense set without its
     ``TENSE_MONITOR`` monitor prompts, see ``tense_split``)."""

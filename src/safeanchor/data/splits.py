@@ -5,6 +5,10 @@ A safety data source is a string (``data.safety_source``, ``data.monitor_source`
 * ``offline``: the built-in data (StrongREJECT + AdvBench + our own prompts; refusals written by us).
   Calibration: the first ``n`` prompts of the training pool in a fixed order, each with a refusal drawn
   with the run seed. Monitor: the ``HELD_OUT_HARMFUL`` (100) prompts held out of alignment and calibration.
+* ``offline:<category>[,<category>...]``: the same, restricted to prompts of those coarse harm categories
+  (``data.safety.COARSE_SLUGS``: disinformation, hate, illegal-goods, non-violent-crimes, sexual, violence,
+  self-harm), e.g. a safety subspace of one category alone (``safeanchor analyze category-subspaces``
+  measures their overlap).
 * ``local:<path.jsonl>``: one JSON object per line with ``prompt`` and ``response`` string fields (a
   monitor file needs only ``prompt``); blank lines are skipped; the first ``n`` lines in file order.
 * ``hub:beavertails[:<split>]``: PKU-Alignment/BeaverTails (Ji et al., NeurIPS 2023 Datasets and
@@ -65,6 +69,13 @@ def harmful_split() -> tuple[list[dict], list[str]]:
     return [p for i, p in enumerate(pool) if i not in held_set], [pool[int(i)]["prompt"] for i in held]
 
 
+def harmful_prompts_by_text() -> dict[str, tuple[str, str]]:
+    """prompt -> (source, category) of every harmful pool prompt."""
+    from .safety import harmful_prompts
+
+    return {r["prompt"]: (r["source"], r["category"]) for r in harmful_prompts()}
+
+
 # -- source specs -----------------------------------------------------------------------------------------
 
 HARMBENCH_SOURCES = ("harmbench-heldout", "harmbench-val")
@@ -82,7 +93,7 @@ def _usage(kind: str) -> str:
 
 
 def parse_source(spec, kind: str = "calibration", key: str | None = None) -> tuple[str, str | None, str | None]:
-    """``spec`` -> (scheme, argument, split): ("offline", None, None), ("calibration", None, None),
+    """``spec`` -> (scheme, argument, split): ("offline", None or "cat,cat", None), ("calibration", None, None),
     ("local", path, None) or ("hub", dataset id, split or None). Raises on a malformed spec."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -91,6 +102,15 @@ def parse_source(spec, kind: str = "calibration", key: str | None = None) -> tup
         raise SafeAnchorError(f"config key {key!r} must be a string, got {spec!r}; {_usage(kind)}")
     if spec == "offline" or (spec == "calibration" and kind == "repair"):
         return spec, None, None
+    if spec.startswith("offline:"):
+        from .safety import COARSE_SLUGS
+
+        slugs = [c.strip() for c in spec[len("offline:"):].split(",") if c.strip()]
+        bad = [c for c in slugs if c not in COARSE_SLUGS.values()]
+        if bad or not slugs:
+            raise SafeAnchorError(f"config key {key!r} is {spec!r}: after 'offline:' name coarse harm categories, "
+                                  f"comma-separated, from {', '.join(COARSE_SLUGS.values())}; got {bad or 'none'}")
+        return "offline", ",".join(dict.fromkeys(slugs)), None
     if "+" in spec:
         parts = [p.strip() for p in spec.split("+")]
         if kind != "monitor":
@@ -269,13 +289,20 @@ def harmbench_monitor(scheme: str, kinds: str) -> list[dict]:
     return round_robin(by_kind.values())
 
 
-def _offline(kind: str, n: int | None, seed: int) -> list[dict]:
-    from .safety import refusal
+def _offline(kind: str, n: int | None, seed: int, categories: str | None = None, key: str = "") -> list[dict]:
+    from .safety import COARSE_SLUGS, coarse_category, refusal
 
     train, monitor = harmful_split()
+    train = [train[i] for i in np.random.default_rng(4321).permutation(len(train))]  # mix the sources
+    if categories:  # the same order, other categories left out
+        wanted = set(categories.split(","))
+        pool = harmful_prompts_by_text()
+        monitor = [p for p in monitor if COARSE_SLUGS.get(coarse_category(*pool[p])) in wanted]
+        train = [r for r in train if COARSE_SLUGS.get(coarse_category(r["source"], r["category"])) in wanted]
+        if not (monitor if kind == "monitor" else train):
+            raise SafeAnchorError(f"{key}: no offline {kind} prompt is in the categories {categories}")
     if kind == "monitor":
         return [{"prompt": p} for p in (monitor if n is None else monitor[:n])]
-    train = [train[i] for i in np.random.default_rng(4321).permutation(len(train))]  # mix the sources
     rng = random.Random(seed)
     return [{"prompt": r["prompt"], "response": refusal(r["prompt"], rng)} for r in train[:n]]
 
@@ -295,7 +322,7 @@ def load_safety_examples(spec: str, n: int | None = None, seed: int = 0, kind: s
     if scheme == "calibration":
         raise ValueError("the repair source 'calibration' is the calibration set: use repair_set(cfg, calib)")
     if scheme == "offline":
-        return _offline(kind, n, seed)
+        return _offline(kind, n, seed, arg, key)
     if scheme == "mix":
         groups = [[r["prompt"] for r in load_safety_examples(part, None, seed, kind, key)] for part in arg.split("+")]
         rows = [{"prompt": p} for p in dict.fromkeys(round_robin(groups))]  # a prompt in two sources: once
