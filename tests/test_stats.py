@@ -216,3 +216,70 @@ def test_labels_from_generations_files_pair_the_bootstrap(tmp_path):
     data = json.loads((tmp_path / "out" / "comparison.json").read_text())
     ref = next(d for d in data["differences"] if d["metric"] == "refusal_rate")
     assert ref["paired_prompts"] and ref["diff"] == pytest.approx(-90.0) and ref["distinguishable"]
+
+
+# -- adversarial vs benign ranking ------------------------------------------------------------------------
+
+def _slow_spearman(x, y):
+    """REFERENCE: midranks by counting (rank = #smaller + (#equal + 1) / 2), then Pearson by its sums."""
+    def ranks(v):
+        return [sum(w < a for w in v) + (sum(w == a for w in v) + 1) / 2 for a in v]
+
+    rx, ry = ranks(list(x)), ranks(list(y))
+    n = len(rx)
+    mx, my = sum(rx) / n, sum(ry) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / (sxx * syy) ** 0.5
+
+
+def test_spearman_against_the_slow_reference_with_and_without_ties():
+    import random
+
+    seed = random.randrange(10**6)
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        n = int(rng.integers(3, 10))
+        x, y = rng.integers(0, 5, n).astype(float), rng.integers(0, 5, n).astype(float)  # ties
+        if len(set(x)) > 1 and len(set(y)) > 1:
+            assert st.spearman(x, y) == pytest.approx(_slow_spearman(x, y), abs=1e-12), seed
+        u, v = rng.permutation(n).astype(float), rng.normal(size=n)  # no ties: the textbook formula
+        d = st.midranks(u) - st.midranks(v)
+        assert st.spearman(u, v) == pytest.approx(1 - 6 * (d ** 2).sum() / (n * (n * n - 1)), abs=1e-12), seed
+    assert st.spearman([1, 2], [2, 1]) is None and st.spearman([1, 1, 1], [1, 2, 3]) is None
+    assert st.spearman_exact_p([1, 2, 3], [10, 20, 30]) == pytest.approx(2 / 6)  # identity and reversal
+    assert st.spearman_exact_p([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(2 / 24)
+    assert st.spearman_exact_p(list(range(10)), list(range(10))) is None  # beyond the exact limit
+
+
+def test_compare_ranks_methods_by_gcg_and_benign_refusal(tmp_path):
+    """Runs with RUN/suite/<k>-<after>/metrics.json (eval --run --steps last) give comparison.json an
+    'adversarial' block: per-method means, pooled Wilson interval, ranks, and Spearman's rho; a method without
+    GCG is left out."""
+    finals = {"standard": (0.0, 10.0), "safegrad": (40.0, 30.0), "safeanchor": (90.0, 60.0), "ewc": (20.0, None)}
+    runs, dirs = {}, {}
+    for method, (benign, attack) in finals.items():
+        for seed in (0, 1):
+            res = _run(method, seed, AB, (80.0, 50.0, benign + seed))
+            key = (method, AB, seed)
+            runs[key], dirs[key] = res, tmp_path / f"{method}-{seed}"
+            dirs[key].mkdir()
+            (dirs[key] / "results.json").write_text(json.dumps(res))
+            if attack is not None:
+                folder = dirs[key] / "suite" / "2-d2"
+                folder.mkdir(parents=True)
+                (folder / "metrics.json").write_text(json.dumps({"tasks": {"gcg": {
+                    "refusal_rate_attack": attack + 10 * seed, "refusal_rate_clean": 100.0, "n": 10,
+                    "preset": "cpu"}}}))
+    (tmp_path / "out").mkdir()
+    md = compare(tmp_path / "out", runs, dirs, n_boot=50).read_text()
+    adv = json.loads((tmp_path / "out" / "comparison.json").read_text())["adversarial"]
+    assert set(adv["methods"]) == {"standard", "safegrad", "safeanchor"} and adv["n_methods"] == 3
+    sa = adv["methods"]["safeanchor"]
+    assert sa["gcg_refusal"] == 65.0 and sa["benign_refusal"] == 90.5 and sa["n_prompts"] == 20
+    lo, hi = st.wilson(13, 20)
+    assert sa["ci"] == [round(100 * lo, 1), round(100 * hi, 1)]
+    assert (sa["rank_gcg"], adv["methods"]["standard"]["rank_gcg"]) == (3.0, 1.0)
+    assert adv["spearman_rho"] == 1.0 and adv["p_exact"] == pytest.approx(2 / 6)
+    assert "### Adversarial (GCG) against benign refusal" in md and "Spearman's rho between the two rankings: 1.000" in md

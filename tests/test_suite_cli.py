@@ -144,3 +144,43 @@ def test_eval_run_on_an_unaligned_run_uses_the_runs_model(tmp_path, offline_data
     assert cli.run_base_model(run_dir, {"model": "tiny-random"}) == "tiny-random"
     with pytest.raises(SafeAnchorError, match="names no model"):
         cli.run_base_model(run_dir, {"base_model_dir": None})
+
+
+def test_eval_run_steps_last_default_out_and_added_tasks(tmp_path, offline_data):
+    """--steps last evaluates the final adapter alone into RUN/suite (where compare looks); a second call with
+    another task adds it to the same folder, keeping the first task's numbers; --steps with a name evaluates that
+    step and the trajectory keeps both; an unknown step name or --steps without --run is an error before any
+    model loads; an interrupted merge (metrics.previous.json left) is folded back in."""
+    from safeanchor.config import LoRAConfig, load_config, to_dict
+    from safeanchor.models import attach_lora, tiny_model
+
+    run_dir = tmp_path / "run"
+    attach_lora(tiny_model(), LoRAConfig(r=2, alpha=4)).save_pretrained(run_dir / "adapters" / "1-tiny-arith")
+    (run_dir / "config.json").write_text(json.dumps({"config": to_dict(load_config("smoke",
+                                                                                     overrides={"aligned": False})),
+                                                     "versions": {}}))
+    (run_dir / "results.json").write_text(json.dumps({
+        "method": "standard", "model": "tiny-random", "seed": 0, "domains": ["tiny-arith"], "base_model_dir": None,
+        "steps": [{"after": "base", "adapter": None}, {"after": "tiny-arith", "adapter": "adapters/1-tiny-arith"}]}))
+    suite = run_dir / "suite"
+    assert cli.run_eval(args(tmp_path, run=str(run_dir), tasks="truthfulqa", limit=1, out=None, steps="last")) == 0
+    assert sorted(p.name for p in suite.iterdir() if p.is_dir()) == ["1-tiny-arith"]
+    first = json.loads((suite / "1-tiny-arith" / "metrics.json").read_text())["tasks"]["truthfulqa"]
+    assert cli.run_eval(args(tmp_path, run=str(run_dir), tasks="truthfulqa,bbq", limit=2, out=None,
+                             steps="last")) == 0
+    merged = json.loads((suite / "1-tiny-arith" / "metrics.json").read_text())
+    assert set(merged["tasks"]) == {"truthfulqa", "bbq"} and merged["tasks"]["truthfulqa"] == first
+    assert merged["limits"]["truthfulqa"]["limit"] == 1 and merged["limits"]["bbq"]["limit"] == 2
+    assert not (suite / "1-tiny-arith" / "metrics.previous.json").exists()
+    assert cli.run_eval(args(tmp_path, run=str(run_dir), tasks="truthfulqa", limit=1, out=None, steps="base")) == 0
+    traj = json.loads((suite / "trajectory.json").read_text())
+    assert [s["after"] for s in traj["steps"]] == ["base", "tiny-arith"]
+    with pytest.raises(SafeAnchorError, match="has the steps base, tiny-arith"):
+        cli.run_eval(args(tmp_path, run=str(run_dir), tasks="truthfulqa", out=None, steps="legal"))
+    with pytest.raises(SafeAnchorError, match="pass --run"):
+        cli.run_eval(args(tmp_path, steps="last"))
+    folder = suite / "1-tiny-arith"  # a kill between evaluate's write and the merge
+    (folder / "metrics.previous.json").write_text(json.dumps(merged))
+    (folder / "metrics.json").write_text(json.dumps({**merged, "tasks": {"bbq": merged["tasks"]["bbq"]}}))
+    assert set(cli.step_report(folder)["tasks"]) == {"truthfulqa", "bbq"}
+    assert not (folder / "metrics.previous.json").exists()

@@ -235,6 +235,12 @@ def compare(out: Path, runs: dict, dirs: dict | None = None, n_boot: int | None 
         groups.setdefault(label, []).append(st.RunData(res, gen))
         keys.setdefault(label, []).append(key)
     data = st.compare_stats(groups, n_boot or st.N_BOOT, st.BOOT_SEED if boot_seed is None else boot_seed)
+    adversarial = st.adversarial_ranking({
+        label: [(res, st.final_gcg(dirs[key], res) if dirs and key in dirs else None)
+                for key, res in runs.items() if (key[0] if isinstance(key, tuple) else key) == label]
+        for label in groups})
+    if adversarial is not None:
+        data["adversarial"] = adversarial
     methods = data["methods"]
     by_method = {m: [r.results for r in rs] for m, rs in groups.items()}
     harm = any(_has_harm(r) for r in runs.values())
@@ -298,6 +304,7 @@ def compare(out: Path, runs: dict, dirs: dict | None = None, n_boot: int | None 
     lines += _cost_table(data)
     lines += _composite_table(data, by_method) if comp else []
     lines += _difference_table(data)
+    lines += _adversarial_table(data)
     lines += ["Trajectories (first run of each method):", ""]
     for method, results in by_method.items():
         lines += [f"**{method}** ({' -> '.join(results[0]['domains'])}, seed {results[0]['seed']})", "",
@@ -364,6 +371,30 @@ def _invariance_table(data: dict) -> list[str]:
                              f"{', '.join(map(str, m['seeds_per_ordering']))} | {fmt(m['cross_ordering_sd'])} | "
                              f"{fmt(m['within_ordering_seed_sd'])} |")
     return lines + [""]
+
+
+def _adversarial_table(data: dict) -> list[str]:
+    """GCG refusal after the last domain against benign refusal, per method, and Spearman's rho."""
+    adv = data.get("adversarial")
+    if not adv:
+        return []
+    from .stats import fmt_ci
+
+    lines = ["### Adversarial (GCG) against benign refusal, after the last domain", "",
+             "GCG: `safeanchor eval --run RUN --tasks gcg --steps last` (RUN/suite). Ranks: 1 = least refusal.", "",
+             "| method | runs | GCG prompts | refusal under GCG % [95% CI] | refusal without attack (GCG's prompts) % | "
+             "benign refusal % (probe) | rank under GCG | rank benign |", "|---|---|---|---|---|---|---|---|"]
+    for m, r in adv["methods"].items():
+        lines.append(f"| {m} | {r['n_runs']} | {r['n_prompts']} | {r['gcg_refusal']:.1f} {fmt_ci(r['ci'])} | "
+                     f"{r['gcg_refusal_clean']:.1f} | {r['benign_refusal']:.1f} | {r['rank_gcg']:g} | "
+                     f"{r['rank_benign']:g} |")
+    rho = adv["spearman_rho"]
+    p = adv["p_exact"]
+    lines += ["", (f"Spearman's rho between the two rankings: {rho:.3f} over {adv['n_methods']} methods"
+                   + (f" (exact permutation p = {p:.3f})" if p is not None else "") + "."
+                   if rho is not None else f"Spearman's rho: n/a ({adv['n_methods']} method(s) with GCG; it needs "
+                                           f"3 or more, with differing values)."), ""]
+    return lines
 
 
 def _csm_table(data: dict) -> list[str]:

@@ -388,3 +388,101 @@ def compare_stats(groups: dict[str, list[RunData]], n_boot: int = N_BOOT, seed: 
                          "mean_and_difference": "percentile bootstrap over runs (seeds x orderings) and prompts",
                          "replicates": n_boot, "seed": seed},
             "methods": methods, "differences": diffs}
+
+
+# -- adversarial vs benign ranking (GCG after the last domain) ---------------------------------------------
+
+def midranks(values) -> np.ndarray:
+    """Ranks 1..n of ``values``, ties given the mean of the ranks they span."""
+    x = np.asarray(values, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rho: Pearson's correlation of the midranks; None for n < 3 or a constant side."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} values against {len(y)}")
+    if len(x) < 3:
+        return None
+    rx, ry = midranks(x), midranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
+    return None if denom == 0 else float((rx * ry).sum() / denom)
+
+
+def spearman_exact_p(x, y, max_n: int = 9) -> float | None:
+    """Two-sided exact permutation p-value of Spearman's rho (share of the n! pairings of ``y`` with ``x``
+    whose |rho| is at least the observed one); None when rho is undefined or n > ``max_n``."""
+    import itertools
+
+    rho = spearman(x, y)
+    if rho is None or len(x) > max_n:
+        return None
+    y = list(y)
+    hits = total = 0
+    for perm in itertools.permutations(range(len(y))):
+        r = spearman(x, [y[i] for i in perm])
+        total += 1
+        hits += r is not None and abs(r) >= abs(rho) - 1e-12
+    return hits / total
+
+
+GCG_METRIC = "refusal_rate_attack"
+
+
+def final_gcg(run_dir: Path | str, results: dict) -> dict | None:
+    """The GCG metrics of the run's last step under ``<run>/suite`` (``safeanchor eval --run RUN --tasks gcg
+    --steps last``); None when there are none (or the task failed)."""
+    k, after = len(results["steps"]) - 1, results["steps"][-1]["after"]
+    path = Path(run_dir) / "suite" / f"{k}-{after}" / "metrics.json"
+    if not path.is_file():
+        return None
+    gcg = json.loads(path.read_text()).get("tasks", {}).get("gcg")
+    return gcg if gcg and "error" not in gcg else None
+
+
+def adversarial_ranking(groups: dict[str, list[tuple[dict, dict]]]) -> dict | None:
+    """GCG refusal after the last domain per method against its benign (HarmBench probe) final refusal.
+
+    ``groups``: label -> [(results, GCG metrics of its final step)] for the runs that have GCG. Per method:
+    the mean over those runs of the refusal under attack (its pooled prompts' Wilson interval) and of the
+    final benign refusal of the same runs, each method's rank on both (midranks, 1 = least refusal), and
+    over methods Spearman's rho of the two with its exact permutation p-value. None without GCG results."""
+    rows = {}
+    for label, pairs in groups.items():
+        pairs = [(r, g) for r, g in pairs if g is not None and GCG_METRIC in g]
+        if not pairs:
+            continue
+        attack = [g[GCG_METRIC] for _, g in pairs]
+        n = sum(int(g.get("n", 0)) for _, g in pairs)
+        k = round(sum(g[GCG_METRIC] / 100.0 * g.get("n", 0) for _, g in pairs))
+        lo, hi = wilson(k, n) if n else (None, None)
+        rows[label] = {"gcg_refusal": round(float(np.mean(attack)), 2),
+                       "gcg_refusal_clean": round(float(np.mean([g.get("refusal_rate_clean", float("nan"))
+                                                                 for _, g in pairs])), 2),
+                       "ci": [round(100 * lo, 1), round(100 * hi, 1)] if n else None, "n_prompts": n,
+                       "benign_refusal": round(float(np.mean([r["steps"][-1]["refusal_rate"] for r, _ in pairs])), 2),
+                       "n_runs": len(pairs), "preset": pairs[0][1].get("preset")}
+    if not rows:
+        return None
+    labels = list(rows)
+    gcg = [rows[m]["gcg_refusal"] for m in labels]
+    benign = [rows[m]["benign_refusal"] for m in labels]
+    for m, a, b in zip(labels, midranks(gcg), midranks(benign)):
+        rows[m]["rank_gcg"], rows[m]["rank_benign"] = float(a), float(b)
+    rho = spearman(benign, gcg)
+    return {"attack": "gcg", "metric": f"{GCG_METRIC} (% refused under the GCG suffix, after the last domain)",
+            "benign_metric": "refusal_rate after the last domain (HarmBench probe, no attack)",
+            "methods": rows, "n_methods": len(labels),
+            "spearman_rho": None if rho is None else round(rho, 4), "p_exact": spearman_exact_p(benign, gcg),
+            "note": "rho is over methods (each a mean over its runs with GCG); it needs 3 or more methods"}

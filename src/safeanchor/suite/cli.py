@@ -25,7 +25,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", help="HF hub id, local directory, .gguf, embedded:smollm2 or tiny-random")
     p.add_argument("--adapter", help="a PEFT adapter directory to load on top of --model")
     p.add_argument("--run", help="a finished `safeanchor run` directory: evaluate its aligned base and the adapter "
-                   "after every domain (OUT/<k>-<after>/, OUT/trajectory.md); reruns skip finished steps")
+                   "after every domain (OUT/<k>-<after>/, OUT/trajectory.md; OUT defaults to RUN/suite, where "
+                   "`safeanchor compare` finds it); reruns skip finished steps")
+    p.add_argument("--steps", default="all", help="with --run: which steps, 'all' (default), 'last' (the model "
+                   "after the last domain, e.g. for GCG, whose per-method ranking `safeanchor compare` correlates "
+                   "with the benign one) or a comma list of step names (base, medical, ...)")
     p.add_argument("--tasks", help=f"comma list of: {', '.join(TASKS)} (default: {DEFAULT_TASKS})")
     p.add_argument("--judge", default="keyword", help="refusal judges: keyword (offline), wildguard-refusal; harm "
                    "judges: llamaguard, llamaguard2, llamaguard3, llamaguard3-1b, wildguard, harmbench (alias "
@@ -174,8 +178,66 @@ def run_base_model(run_dir: Path, results: dict) -> str:
     return name
 
 
+def step_report(folder: Path) -> dict | None:
+    """A step folder's metrics.json, with a metrics.previous.json left by an interrupted merge folded in."""
+    def read(name):
+        path = folder / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    current, previous = read("metrics.json"), read("metrics.previous.json")
+    if previous is not None and current is not None:
+        return merge_reports(folder, previous, current)
+    return current or previous
+
+
+def missing_tasks(done: dict | None, tasks: list[str]) -> list[str]:
+    """The tasks of ``tasks`` a step folder's earlier metrics.json (``done``) lacks or has failed: a rerun
+    with other tasks into the same --out adds them instead of skipping the folder."""
+    if done is None:
+        return list(tasks)
+    have = done.get("tasks", {})
+    todo = [t for t in tasks if t != "composite" and (t not in have or "error" in have[t])]
+    if "composite" in tasks and "composite_safety" not in done:
+        todo.append("composite")
+    return todo
+
+
+def merge_reports(folder: Path, done: dict, new: dict) -> dict:
+    """metrics.json of a step folder = the earlier report with the new tasks' results added (each task keeps
+    the limit and seed it ran with, under ``limits``), summary.md rewritten; metrics.previous.json removed."""
+    merged = {**done, "tasks": {**done.get("tasks", {}), **new["tasks"]},
+              "seconds": {**done.get("seconds", {}), **new.get("seconds", {})},
+              "limits": {**{t: {"limit": done.get("limit"), "seed": done.get("seed")} for t in done.get("tasks", {})},
+                         **done.get("limits", {}),
+                         **{t: {"limit": new.get("limit"), "seed": new.get("seed")} for t in new["tasks"]}}}
+    for key in ("composite_safety", "composite"):
+        if key in new:
+            merged[key] = new[key]
+    (folder / "metrics.json").write_text(json.dumps(merged, indent=2, default=str))
+    (folder / "summary.md").write_text(summary_markdown(merged))
+    (folder / "metrics.previous.json").unlink(missing_ok=True)
+    return merged
+
+
+def select_steps(steps: list[dict], spec: str, run_dir: Path) -> list[tuple[int, dict]]:
+    """(index, step) of a run's steps named by ``--steps``: 'all', 'last' or a comma list of step names."""
+    indexed = list(enumerate(steps))
+    if spec == "all":
+        return indexed
+    if spec == "last":
+        return indexed[-1:]
+    names = [n.strip() for n in str(spec).split(",") if n.strip()]
+    known = [s["after"] for s in steps]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise SafeAnchorError(f"--steps {spec}: {run_dir} has the steps {', '.join(known)}; give 'all', 'last' or "
+                              f"some of those names, comma-separated")
+    return [(k, s) for k, s in indexed if s["after"] in names]
+
+
 def _eval_run(args) -> int:
-    """Every step of a finished run (base, +domain 1, ...) through the same tasks: a trajectory."""
+    """Every step of a finished run (base, +domain 1, ...; ``--steps`` chooses) through the same tasks: a
+    trajectory. A step folder that already holds some of the tasks gets the missing ones added."""
     from ..judges import get_judge
 
     run_dir, out = Path(args.run), Path(args.out)
@@ -185,19 +247,30 @@ def _eval_run(args) -> int:
     results = json.loads(path.read_text())
     base = run_base_model(run_dir, results)
     tasks = parse_tasks(args.tasks or DEFAULT_TASKS)
+    chosen = select_steps(results["steps"], getattr(args, "steps", "all"), run_dir)
     judge = get_judge(args.judge)
     rows = []
-    for k, step in enumerate(results["steps"]):
+    for k, step in chosen:
         folder = out / f"{k}-{step['after']}"
-        if not (folder / "metrics.json").is_file():
+        done = step_report(folder)
+        todo = missing_tasks(done, tasks)
+        if todo:
             adapter = str(run_dir / step["adapter"]) if step.get("adapter") else None
             model, tokenizer = load_for_eval(base, adapter, args.device, args.dtype)
-            report = evaluate(model, tokenizer, tasks, folder, judge=judge, limit=args.limit, seed=args.seed,
+            if done is not None:  # kept until the new tasks are merged in (evaluate rewrites metrics.json)
+                (folder / "metrics.previous.json").write_text(json.dumps(done, indent=2, default=str))
+            report = evaluate(model, tokenizer, todo, folder, judge=judge, limit=args.limit, seed=args.seed,
                               options=parse_sets(args.set), meta={"model": base, "adapter": adapter,
                                                                   "run": str(run_dir), "after": step["after"]})
             del model
-        report = json.loads((folder / "metrics.json").read_text())
-        rows.append((step["after"], report))
+            if done is not None:
+                merge_reports(folder, done, report)
+        rows.append((k, step["after"], json.loads((folder / "metrics.json").read_text())))
+    for k, step in enumerate(results["steps"]):  # steps evaluated by an earlier call stay in the trajectory
+        folder = out / f"{k}-{step['after']}"
+        if k not in {r[0] for r in rows} and (folder / "metrics.json").is_file():
+            rows.append((k, step["after"], json.loads((folder / "metrics.json").read_text())))
+    rows = [(after, rep) for _, after, rep in sorted(rows, key=lambda r: r[0])]
     lines = trajectory_lines(results, tasks, rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trajectory.md").write_text("\n".join(lines) + "\n")
@@ -252,6 +325,10 @@ def run_eval(args) -> int:
     if getattr(args, "list", False):
         print(list_tasks())
         return 0
+    if getattr(args, "run", None) and not args.out:
+        args.out = str(Path(args.run) / "suite")
+    if getattr(args, "steps", "all") != "all" and not getattr(args, "run", None):
+        raise SafeAnchorError(f"--steps {args.steps}: steps are those of a run; pass --run RUN_DIR with it")
     if not args.out:
         raise SafeAnchorError("safeanchor eval needs --out DIR")
     if args.completions:
