@@ -90,7 +90,7 @@ def _fake_generate(model, tok, prompts, max_new_tokens, batch_size, desc="", **k
 def test_alignment_data_leaves_a_holdout_source_out(monkeypatch):
     monkeypatch.setattr("safeanchor.generation.generate", _fake_generate)
     cfg = load_config("quickstart", overrides={"align.holdout_sources": ["advbench"], "align.harmful_examples": 5000,
-                                               "align.benign_examples": 600})
+                                               "align.benign_examples": 600, "align.artifact": ""})
     judge = lambda prompts, completions: [0] * len(prompts)  # noqa: E731
     examples, stats = align.alignment_data(cfg, None, None, judge, progress=lambda *_: None)
     prompts = {e["prompt"] for e in examples}
@@ -108,14 +108,17 @@ def test_alignment_data_leaves_a_holdout_source_out(monkeypatch):
 
 def test_holdout_sources_are_checked():
     with pytest.raises(SafeAnchorError, match="align.holdout_sources.*unknown harmful source"):
-        load_config("quickstart", overrides={"align.holdout_sources": ["advbnch"]})
+        load_config("quickstart", overrides={"align.holdout_sources": ["advbnch"], "align.artifact": ""})
+    # the committed artifact was trained on every source: holding one out needs the training path
+    with pytest.raises(SafeAnchorError, match="align.holdout_sources.*align.artifact=''"):
+        load_config("quickstart", overrides={"align.holdout_sources": ["advbench"]})
 
 
 def test_measure_reports_each_set_with_a_wilson_interval(monkeypatch):
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     cfg = load_config("quickstart", overrides={"align.holdout_sources": ["strongreject"],
-                                               "align.validation_size": 20})
+                                               "align.validation_size": 20, "align.artifact": ""})
     truth = {}
 
     def fake_generate_judged(model, tok, judges, prompts, max_new_tokens, batch_size, desc, dist=None):

@@ -421,6 +421,10 @@ def _build(cls, data: dict, where: str):
             kwargs[key] = _coerce(value, default, f"{where}{key}")
     obj = cls(**kwargs)
     check_fields(obj, where)
+    if cls is AlignConfig and obj.holdout_sources and obj.artifact:
+        raise SafeAnchorError(f"config key 'align.holdout_sources' ({', '.join(obj.holdout_sources)}) leaves sources "
+                              f"out of the alignment SFT, but 'align.artifact' ({obj.artifact}) merges an adapter "
+                              f"trained on all of them; add --set align.artifact='' to train without them")
     if cls is RunConfig:
         _check_method_options(obj)
     return obj
