@@ -1,7 +1,9 @@
 """Where the quick start's time goes on this machine: seconds per training step (response-only LM
-head vs the full-sequence head HF computes by default) and generation tokens/s by batch size.
+head vs the full-sequence head HF computes by default), generation tokens/s by batch size, and the
+evaluation's greedy generation in float32 against bf16 autocast (``eval.mixed_precision``: the quick
+start's settings, 60 real evaluation prompts, batch 30, 40 new tokens), with how many completions agree.
 
-    python benchmarks/quickstart_speed.py [--steps 4] [--out benchmarks/results/quickstart_speed.json]
+    python benchmarks/quickstart_speed.py [--steps 4] [--repeats 3] [--out benchmarks/results/quickstart_speed.json]
 
 Both variants run side by side in one process, alternating, so machine noise hits both alike.
 """
@@ -44,10 +46,37 @@ def time_steps(model, batch, loss_fn, opt, n):
     return times
 
 
+def generation_precision(model, tok, repeats: int) -> dict:
+    """The evaluation's greedy generation (quick-start settings) in float32 and under bf16 autocast,
+    alternating rounds on the same 60 prompts (20 HarmBench probe, 20 held-out direct questions, 20
+    look-alikes); median seconds, the ratio, and how many completions are identical."""
+    from safeanchor.data.safety import benign_borderline, harm_probe, heldout_set
+    from safeanchor.judges import KeywordRefusalJudge
+
+    prompts = harm_probe(20) + heldout_set("direct_questions", 20) + benign_borderline("eval")[:20]
+    times = {"no": [], "bf16": []}
+    outs = {}
+    for _ in range(repeats):
+        for mp in ("no", "bf16"):
+            t0 = time.perf_counter()
+            outs[mp] = generate(model, tok, prompts, max_new_tokens=40, batch_size=30, progress=False,
+                                mixed_precision=mp)
+            times[mp].append(time.perf_counter() - t0)
+    fp32, bf16 = statistics.median(times["no"]), statistics.median(times["bf16"])
+    judge = KeywordRefusalJudge()
+    labels = {mp: judge(prompts, outs[mp]) for mp in outs}
+    return {"prompts": len(prompts), "max_new_tokens": 40, "batch_size": 30, "repeats": repeats,
+            "fp32_s": round(fp32, 2), "bf16_autocast_s": round(bf16, 2), "speedup": round(fp32 / bf16, 2),
+            "identical_completions": sum(a == b for a, b in zip(outs["no"], outs["bf16"])),
+            "same_keyword_label": sum(a == b for a, b in zip(labels["no"], labels["bf16"])),
+            "refused_fp32": sum(labels["no"]), "refused_bf16": sum(labels["bf16"])}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating fp32 / bf16 generation rounds")
     ap.add_argument("--out", default="benchmarks/results/quickstart_speed.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -71,13 +100,14 @@ def main():
         dt = time.perf_counter() - t0
         gen[f"batch{bs}"] = {"prompts": max(bs, 8), "seconds": round(dt, 2),
                              "new_tokens_per_s": round(max(bs, 8) * 32 / dt, 1)}
+    precision = generation_precision(model, tok, args.repeats)
     result = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.processor() or ''}",
               "tokens_per_example": len(ex["input_ids"]), "batch": args.batch,
               "response_tokens": sum(1 for x in ex["labels"] if x != -100),
               "step_s_response_only_head": round(statistics.median(resp), 3),
               "step_s_full_head": round(statistics.median(full), 3),
               "speedup": round(statistics.median(full) / statistics.median(resp), 3),
-              "generation": gen, "torch": torch.__version__}
+              "generation": gen, "generation_precision": precision, "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

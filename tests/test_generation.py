@@ -285,6 +285,54 @@ def test_bf16_generation_runs_under_autocast_and_is_cached_apart(tmp_path, gener
         generate(model, tok, PROMPTS, mixed_precision="fp16")
 
 
+def test_bf16_generation_of_a_lora_model_casts_frozen_weights_once_and_restores_them(model, tok):
+    """With LoRA's frozen base weights, bf16 generation gives the per-step-cast reference's completions, casts
+    each weight once per call (autocast's cache; without it every decoding step casts them again), and leaves
+    every requires_grad flag as it was, also when generation fails."""
+    from safeanchor.config import LoRAConfig
+    from safeanchor.generation import bf16_autocast
+    from safeanchor.models import attach_lora
+
+    lora = attach_lora(tiny_model(seed=3), LoRAConfig(r=2, alpha=4)).eval()
+    flags = {n: p.requires_grad for n, p in lora.named_parameters()}
+    assert not all(flags.values()) and any(flags.values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the reference: autocast casting at every call
+        want = reference_generate(lora, tok, PROMPTS, 10, 3)
+    got = generate(lora, tok, PROMPTS, 10, 3, mixed_precision="bf16")
+    assert got == want
+    assert {n: p.requires_grad for n, p in lora.named_parameters()} == flags
+    weight = lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    seen = []
+    hook = lora.get_base_model().model.layers[0].self_attn.q_proj.base_layer.register_forward_hook(
+        lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        with torch.no_grad(), bf16_autocast(lora, "cpu"):
+            assert weight.requires_grad  # autocast caches the casts of leaves that require grad
+            lora(torch.tensor([[1, 2, 3]]))
+            lora(torch.tensor([[1, 2, 3]]))
+        assert seen == [True, True]
+
+        def casts(block, forwards):  # dtype casts in `forwards` forward passes inside one block
+            from torch.profiler import ProfilerActivity, profile
+
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof, block():
+                for _ in range(forwards):
+                    lora(torch.tensor([[1, 2, 3]]))
+            return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+        once, twice = casts(lambda: bf16_autocast(lora, "cpu"), 1), casts(lambda: bf16_autocast(lora, "cpu"), 2)
+        plain = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        again = casts(plain, 2) - casts(plain, 1)  # plain autocast: the frozen weights again in every pass
+        frozen_linears = sum(1 for m in lora.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+        assert again - (twice - once) >= frozen_linears, (again, twice - once, frozen_linears)
+        with pytest.raises(RuntimeError, match="boom"):
+            with bf16_autocast(lora, "cpu"):
+                raise RuntimeError("boom")
+    finally:
+        hook.remove()
+    assert {n: p.requires_grad for n, p in lora.named_parameters()} == flags
+
+
 def test_eval_mixed_precision_reaches_every_generation_of_a_step(monkeypatch, tok):
     """eval.mixed_precision is handed to the evaluation's generations (probe, benign, held-out), to the
     monitor and to the look-alikes' answers; a value other than no / bf16 is a config error."""

@@ -315,9 +315,9 @@ class EvalConfig:
                                                 "over-refusal and held-out-style evaluation, CSM's monitor and "
                                                 "s_0, the look-alikes' answers; not eval.tasks, nor the alignment "
                                                 "stage, whose artifact stays reproducible) under torch.autocast in "
-                                                "bfloat16, on GPU or CPU (AMX: 2.3x faster here); 'no': the model's "
-                                                "dtype. Completions can differ from fp32's in a few tokens, so "
-                                                "compare runs made with the same setting")
+                                                "bfloat16, on GPU or CPU (AMX: 1.7x faster here); 'no': the model's "
+                                                "dtype. Completions can differ from fp32's after a few tokens "
+                                                "(refusal labels rarely), so compare runs made with one setting")
     base_cache: bool = _f(True, "keep the aligned base's greedy completions (its step-0 evaluation, CSM's s_0, the "
                           "look-alikes' answers) in the base's directory and reuse them in every later run on that "
                           "base, whatever the method or seed (no effect without the alignment stage)")
