@@ -82,3 +82,58 @@ def test_ns_sweep_matches_the_spectrum_at_each_size(tmp_path, capsys):
     assert main(["spectrum", "--preset", "smoke", "--sweep-ns", "4,100000", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and "sweep sizes up to" in err[-1] and not (tmp_path / "bad").exists()
+
+
+# -- capacity of the orthogonal complement -----------------------------------------------------------------
+
+def _capacity_run(tmp_path, name, method, order, ks, removed, scores, refusal, seed=0):
+    """A finished run's results.json with the fields capacity reads: SSI's basis in prepare, per step the basis
+    after the merge, the mean update share in the logs, domain scores and refusal."""
+    import json
+
+    steps = [{"after": "base", "refusal_rate": refusal[0], "heldout_refusal_rate": 40.0,
+              "domain_scores": {d: 50.0 for d in order}}]
+    for t, d in enumerate(order, 1):
+        step = {"after": d, "refusal_rate": refusal[t], "heldout_refusal_rate": 40.0 - 10 * t,
+                "domain_scores": {x: (scores[t - 1] if x == d else steps[-1]["domain_scores"][x]) for x in order},
+                "train": {"logs": {"update_in_subspace": removed[t - 1]} if removed else {"loss": 1.0}}}
+        if ks:
+            step["method"] = {"subspace": {"k_mean": ks[t]}, "csm": {"triggered": t % 2 == 1}}
+        steps.append(step)
+    res = {"method": method, "seed": seed, "domains": list(order), "steps": steps,
+           "prepare": {"subspace": {"k_mean": ks[0]}} if ks else {}}
+    d = tmp_path / name
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+def test_capacity_per_position_against_hand_computed_numbers(tmp_path):
+    import json
+
+    from safeanchor.analysis import capacity
+    from safeanchor.errors import SafeAnchorError
+
+    a = _capacity_run(tmp_path, "sa0", "safeanchor", ("m", "l"), (10.0, 20.0, 30.0), (0.1, 0.2), (70.0, 60.0),
+                      (100.0, 98.0, 96.0))
+    b = _capacity_run(tmp_path, "sa1", "safeanchor", ("l", "m"), (12.0, 22.0, 34.0), (0.3, 0.4), (80.0, 56.0),
+                      (100.0, 100.0, 90.0), seed=1)
+    s = _capacity_run(tmp_path, "std", "standard", ("m", "l"), None, None, (75.0, 62.0), (100.0, 50.0, 20.0))
+    result = capacity([a, b, s], tmp_path / "out")
+    sa = result["methods"]["safeanchor"]["per_t"]
+    assert sa[0]["k_before"] == 11.0 and sa[0]["k_after"]["mean"] == 21.0 and sa[1]["k_after"]["mean"] == 32.0
+    assert sa[0]["update_removed"]["mean"] == pytest.approx(0.2) and sa[1]["update_removed"]["mean"] == pytest.approx(0.3)
+    assert sa[0]["gain"]["mean"] == 25.0 and sa[1]["gain"]["mean"] == 8.0  # (20 + 30) / 2, (10 + 6) / 2
+    assert sa[0]["gain"]["sd"] == pytest.approx(7.0711, abs=1e-3)
+    assert sa[1]["refusal_retained"]["mean"] == 93.0 and sa[1]["heldout_retained"]["mean"] == 50.0
+    assert sa[0]["domains"] == ["l", "m"] and sa[0]["csm_triggered"] == 2 and sa[1]["csm_triggered"] == 0
+    std = result["methods"]["standard"]["per_t"]
+    assert std[0]["k_after"] is None and std[0]["gain"]["mean"] == 25.0 and std[1]["gain"]["mean"] == 12.0
+    assert sa[0]["gain_vs_standard"] == 100.0 and sa[1]["gain_vs_standard"] == pytest.approx(66.7)
+    md = (tmp_path / "out" / "capacity.md").read_text()
+    assert "## safeanchor (2 run(s); basis at the base: 11.0 per module)" in md
+    assert "| 2 | l, m | 2 | 32.0 ± 2.8 | 30.0 ± 14.1 | 8.0 ± 2.8 | 67 | 93.0 ± 4.2 | 50.0 ± 0.0 | 0/2 |" in md
+    assert json.loads((tmp_path / "out" / "capacity.json").read_text())["methods"].keys() == {"safeanchor", "standard"}
+    assert (tmp_path / "out" / "capacity.png").stat().st_size > 1000
+    with pytest.raises(SafeAnchorError, match="does not exist"):
+        capacity([tmp_path / "nope"], tmp_path / "out")

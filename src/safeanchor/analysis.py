@@ -345,3 +345,152 @@ def _plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -- capacity of the orthogonal complement as T grows ----------------------------------------------------
+
+def capacity_rows(results: dict) -> list[dict]:
+    """One row per domain position t = 1..T of one run: the domain, the safety basis after it (mean basis
+    vectors per module; ``k_before`` at t = 1 is SSI's at the base), the share of the task update inside the
+    subspace before projection (the part removed; mean over the domain's steps of the mean over modules of
+    ||V^T u|| / ||u||), the gain on that domain's own score from training it (points of held-out token
+    accuracy: plasticity), and refusal (and held-out-style refusal) as % of the aligned base's."""
+    steps = results["steps"]
+    base = steps[0]
+    prepare = (results.get("prepare") or {}).get("subspace") or {}
+    rows = []
+    for t in range(1, len(steps)):
+        step, before = steps[t], steps[t - 1]
+        domain = step["after"]
+        sub = (step.get("method") or {}).get("subspace") or {}
+        prev = ((before.get("method") or {}).get("subspace") or prepare) if t > 1 else prepare
+        logs = (step.get("train") or {}).get("logs") or {}
+        scores, prior = step.get("domain_scores") or {}, before.get("domain_scores") or {}
+
+        def retained(key):
+            return (round(100.0 * step[key] / base[key], 2) if step.get(key) is not None and base.get(key)
+                    else None)
+
+        csm = (step.get("method") or {}).get("csm") or {}
+        rows.append({"t": t, "domain": domain, "k_before": prev.get("k_mean"), "k_after": sub.get("k_mean"),
+                     "update_removed": logs.get("update_in_subspace"),
+                     "gain": (round(scores[domain] - prior[domain], 2)
+                              if domain in scores and domain in prior else None),
+                     "refusal_retained": retained("refusal_rate"),
+                     "heldout_retained": retained("heldout_refusal_rate"),
+                     "csm_triggered": csm.get("triggered")})
+    return rows
+
+
+def capacity(run_dirs: list, out: Path) -> dict:
+    """``safeanchor analyze capacity``: per method (the runs' ``method``) and domain position t, the mean ± sd
+    over runs of ``capacity_rows``; with a Standard run among them, each method's gain on the new domain as a
+    share of Standard's at the same t (plasticity kept). Writes capacity.json, capacity.md, capacity.png."""
+    from .errors import SafeAnchorError
+
+    by_method: dict[str, list[list[dict]]] = {}
+    names: dict[str, list[str]] = {}
+    for d in run_dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise SafeAnchorError(f"{path} does not exist; pass run directories made by `safeanchor run`")
+        res = json.loads(path.read_text())
+        if len(res.get("steps", [])) < 2:
+            raise SafeAnchorError(f"{d} has not finished a domain; pass finished runs")
+        by_method.setdefault(res["method"], []).append(capacity_rows(res))
+        names.setdefault(res["method"], []).append(str(d))
+    keys = ("k_after", "update_removed", "gain", "refusal_retained", "heldout_retained")
+    methods = {}
+    for method, runs in by_method.items():
+        T = max(len(r) for r in runs)
+        per_t = []
+        for t in range(1, T + 1):
+            rows = [r[t - 1] for r in runs if len(r) >= t]
+            cell = {"t": t, "runs": len(rows), "domains": sorted({r["domain"] for r in rows}),
+                    "csm_triggered": sum(1 for r in rows if r["csm_triggered"]) if any(
+                        r["csm_triggered"] is not None for r in rows) else None}
+            for key in keys:
+                vals = [r[key] for r in rows if r[key] is not None]
+                cell[key] = ({"mean": round(statistics.fmean(vals), 4),
+                              "sd": round(statistics.stdev(vals), 4) if len(vals) > 1 else None, "n": len(vals)}
+                             if vals else None)
+            if t == 1:
+                k0 = [r["k_before"] for r in rows if r["k_before"] is not None]
+                cell["k_before"] = round(statistics.fmean(k0), 4) if k0 else None
+            per_t.append(cell)
+        methods[method] = {"runs": names[method], "per_t": per_t}
+    if "standard" in methods:
+        std = {c["t"]: c["gain"] for c in methods["standard"]["per_t"]}
+        for method, m in methods.items():
+            for c in m["per_t"]:
+                s = std.get(c["t"])
+                c["gain_vs_standard"] = (round(100.0 * c["gain"]["mean"] / s["mean"], 1)
+                                         if c["gain"] and s and s["mean"] else None)
+    result = {"methods": methods, "definitions": {
+        "k_after": "mean basis vectors per LoRA module after the domain's merge",
+        "update_removed": "share of the task update's norm inside the safety subspace before projection (removed), "
+                          "mean over the domain's steps and the modules",
+        "gain": "points of held-out token accuracy gained on the domain by training it (plasticity)",
+        "refusal_retained": "HarmBench-probe refusal as % of the aligned base's",
+        "heldout_retained": "held-out-style refusal as % of the aligned base's",
+        "gain_vs_standard": "gain as % of Standard LoRA's gain at the same position"}}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capacity.json").write_text(json.dumps(result, indent=2))
+    _capacity_md(result, out / "capacity.md")
+    _capacity_plot(result, out / "capacity.png")
+    return result
+
+
+def _capacity_md(result: dict, path: Path) -> None:
+    def fmt(cell, digits=1, scale=1.0):
+        if not cell:
+            return "n/a"
+        sd = f" ± {cell['sd'] * scale:.{digits}f}" if cell.get("sd") is not None else ""
+        return f"{cell['mean'] * scale:.{digits}f}{sd}"
+
+    lines = ["# Capacity of the orthogonal complement as T grows", "",
+             "Per domain position t, mean ± sd over runs. " + "; ".join(f"{k}: {v}" for k, v in
+                                                                      result["definitions"].items()) + ".", ""]
+    for method, m in result["methods"].items():
+        k0 = m["per_t"][0].get("k_before")
+        lines += [f"## {method} ({len(m['runs'])} run(s)" + (f"; basis at the base: {k0:.1f} per module)" if k0
+                                                              else ")"), "",
+                  "| t | domain(s) | runs | basis k after | update removed % | gain on the domain (pts) | "
+                  "gain vs Standard % | refusal retained % | held-out retained % | CSM repaired |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in m["per_t"]:
+            g = c.get("gain_vs_standard")
+            vs_std = "n/a" if g is None else f"{g:.0f}"
+            repaired = "n/a" if c["csm_triggered"] is None else f"{c['csm_triggered']}/{c['runs']}"
+            lines.append(f"| {c['t']} | {', '.join(c['domains'])} | {c['runs']} | {fmt(c['k_after'])} | "
+                         f"{fmt(c['update_removed'], 1, 100.0)} | {fmt(c['gain'])} | {vs_std} | "
+                         f"{fmt(c['refusal_retained'])} | {fmt(c['heldout_retained'])} | {repaired} |")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _capacity_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    panels = (("k_after", "basis vectors per module", 1.0), ("update_removed", "update removed %", 100.0),
+              ("gain", "gain on the new domain (pts)", 1.0))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for method, m in result["methods"].items():
+            pts = [(c["t"], c[key]["mean"] * scale) for c in m["per_t"] if c.get(key)]
+            if key == "k_after" and m["per_t"][0].get("k_before") is not None:
+                pts = [(0, m["per_t"][0]["k_before"])] + pts
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=method)
+        ax.set_xlabel("domain position t")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("Capacity of the orthogonal complement as T grows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -602,6 +602,15 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_capacity(args) -> int:
+    from .analysis import capacity
+
+    out = Path(args.out)
+    capacity([Path(d) for d in args.runs], out)
+    print((out / "capacity.md").read_text())
+    return 0
+
+
 def cmd_category_subspaces(args) -> int:
     from .category_subspaces import category_subspaces
 
@@ -677,6 +686,11 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("run", help="a SafeAnchor run directory")
     sd.add_argument("--out", help="directory for subspace_drift.json / .md / .png (default <run>/analysis)")
     sd.set_defaults(func=cmd_analyze)
+    cp = asub.add_parser("capacity", help="the orthogonal complement as T grows: basis size, share of each update "
+                         "removed, gain on each new domain (against Standard's) and retention, per domain position")
+    cp.add_argument("runs", nargs="+", help="finished run directories (SafeAnchor, and Standard for the gain ratio)")
+    cp.add_argument("--out", required=True, help="directory for capacity.json / .md / .png")
+    cp.set_defaults(func=cmd_capacity)
     cs = asub.add_parser("category-subspaces", help="SSI per coarse harm category at the aligned base: overlap "
                          "(principal angles) and cross-category Fisher energy of the per-category safety bases")
     config_args(cs)
