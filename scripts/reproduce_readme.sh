@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align quickstart orders random-basis parts categories example compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart orders orders-bf16 t5 capacity protect random-basis parts categories example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
@@ -19,6 +19,24 @@ for stage in $STAGES; do
                # changed; Standard reads neither the monitor nor the repair settings)
                $SA run --preset quickstart --method standard,safeanchor --seed 0,1 --jobs 2 \
                  --orderings "medical,legal,code;code,legal,medical" --out runs/orders2 ;;
+    orders-bf16) # the same grid with the evaluation's generation under bf16 autocast (eval.mixed_precision)
+               $SA run --preset quickstart --method standard,safeanchor --seed 0,1 --jobs 2 \
+                 --orderings "medical,legal,code;code,legal,medical" --set eval.mixed_precision=bf16 --out runs/bf16-orders ;;
+    t5)        # five domains (T = 5), seed 0, both methods side by side
+               $SA run --preset quickstart --method standard,safeanchor --seed 0 --jobs 2 \
+                 --set "data.domains=[medical,legal,code,biomed,math]" --set eval.mixed_precision=bf16 --out runs/bf16-t5 ;;
+    capacity)  # basis size, update share removed, plasticity and retention per domain position
+               $SA analyze capacity runs/orders2/safeanchor-*-seed* runs/orders/standard-*-seed* --out runs/capacity-t3
+               $SA analyze capacity runs/bf16-t5/*-seed0 --out runs/capacity-t5 ;;
+    protect)   # does protecting one harm category's subspace protect the others? (medical only, CSM off)
+               for c in all violence non-violent-crimes; do
+                 src=offline; [ $c != all ] && src=offline:$c
+                 $SA run --preset quickstart --method safeanchor --set "data.domains=[medical]" \
+                   --set data.safety_source=$src --set method_options.safeanchor.csm=false \
+                   --set eval.mixed_precision=bf16 --set eval.heldout_size=160 --out runs/protect-$c
+               done
+               $SA run --preset quickstart --method standard --set "data.domains=[medical]" \
+                 --set eval.mixed_precision=bf16 --set eval.heldout_size=160 --out runs/protect-none ;;
     random-basis) # does the Fisher information matter? SafeAnchor with a random basis of the same sizes, 2 seeds
                $SA run --preset quickstart --method safeanchor --seed 0,1 --jobs 2 \
                  --set method_options.safeanchor.basis=random --out runs/ablation-random ;;
