@@ -48,7 +48,8 @@ def test_smoke_plan(capsys, tmp_path, no_weights_no_network):
     for needle in ("model: tiny-random", "targets q_proj, k_proj, v_proj, o_proj (checked on the model's config, no "
                    "weights)", "1. tiny-arith", "2. tiny-reverse", "3. tiny-upper", "32 of 7,966 train examples -> 4 "
                    "steps", "calibration N_s: 16 from offline (1,006 available)", "CSM monitor: 100 from offline",
-                   "probe 8 of 200 HarmBench", "over-refusal 8 of 90", "refusal (refusal_rate, over_refusal_rate): "
+                   "probe 8 of 200 HarmBench", "over-refusal 8 of 90", "float32 (eval.mixed_precision: no)",
+                   "refusal (refusal_rate, over_refusal_rate): "
                    "keyword", "harm (harmful_response_rate): none", "monitor (CSM s_t): keyword",
                    "runs: 1 method(s) x 1 seed(s) = 1", f"standard seed 0 -> {tmp_path / 'run'}"):
         assert needle in out, needle
@@ -75,6 +76,8 @@ def test_dry_run_reports_short_sources_and_checks_options(capsys, tmp_path, no_w
                          "eval.monitor_size=200", "--set", "data.domains=[code]", "--set",
                          "data.examples_per_domain=5000", "--out", str(tmp_path / "r")])
     assert "CSM monitor: 39 from harmbench-val (39 available; only 39 available (asked 200)" in out
+    bf16 = _plan(capsys, ["--preset", "smoke", "--set", "eval.mixed_precision=bf16", "--out", str(tmp_path / "b")])
+    assert ", bf16 autocast" in bf16
     assert "note: only 336 train examples (asked 5,000)" in out
     code = main(["run", "--preset", "smoke", "--dry-run", "--method", "safeanchor", "--set",
                  "method_options.safeanchor.rho=2", "--out", str(tmp_path / "r")])

@@ -409,7 +409,8 @@ def dry_run(plan: list, out: Path, args) -> str:
                  f"{ec.probe_size} ({why})")
     benign = len(benign_borderline("eval"))
     lines += [f"evaluation: probe {probe_txt} HarmBench standard behaviours; over-refusal "
-              f"{min(ec.benign_size, benign)} of {benign} benign look-alikes; greedy, {ec.max_new_tokens} new tokens, batch {ec.batch_size}"
+              f"{min(ec.benign_size, benign)} of {benign} benign look-alikes; greedy, {ec.max_new_tokens} new tokens, batch {ec.batch_size}, "
+              + ("bf16 autocast" if ec.mixed_precision == "bf16" else f"{cfg.model.dtype} (eval.mixed_precision: no)")
               + (f"; suite tasks {', '.join(ec.tasks)}" + (f" (limit {ec.task_limit})" if ec.task_limit else "")
                  if ec.tasks else "")
               + (f"; held-out styles {', '.join(ec.heldout_sets)} ({ec.heldout_size} each)" if ec.heldout_sets else ""),
