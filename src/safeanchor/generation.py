@@ -17,7 +17,6 @@ seed, the prompts, their order, n and batch_size fix every sample. The model's t
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import os
@@ -41,6 +40,9 @@ def encode_prompts(tokenizer, prompts: Sequence, chat: bool = True, add_special_
         else:
             out.append(list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]))
     return out
+
+
+MIXED_PRECISIONS = ("no", "bf16")  # generation's precisions (eval.mixed_precision)
 
 
 @contextlib.contextmanager
@@ -91,7 +93,7 @@ def generate_samples(model, tokenizer, prompts: Sequence, num_return_sequences: 
         raise ValueError("greedy decoding gives one completion per prompt; use sample=True for several")
     if eos not in ("tokenizer", "model"):
         raise ValueError(f"eos={eos!r}: use 'tokenizer' or 'model'")
-    if mixed_precision not in ("no", "bf16"):
+    if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision={mixed_precision!r}: use 'no' or 'bf16'")
     if not prompts:
         return []

@@ -26,6 +26,7 @@ from typing import Callable
 
 from .anchor import SafetyBatches
 from .errors import SafeAnchorError
+from .generation import MIXED_PRECISIONS
 from .projector import SafetyProjector, SafetyTerm
 from .safety_subspace import SafetySubspace
 
@@ -46,7 +47,7 @@ class SafetyMonitor:
             raise SafeAnchorError("the safety monitor has no prompts; give harmful monitor prompts (data.monitor_source)")
         if not 0.0 <= tau < 1.0:
             raise SafeAnchorError(f"tau must be in [0, 1), got {tau}")
-        if mixed_precision not in ("no", "bf16"):
+        if mixed_precision not in MIXED_PRECISIONS:
             raise SafeAnchorError(f"mixed_precision={mixed_precision!r}: use 'no' or 'bf16'")
         if judge is None and rate_fn is None:
             from .judges import get_judge

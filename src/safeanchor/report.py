@@ -236,9 +236,8 @@ def compare(out: Path, runs: dict, dirs: dict | None = None, n_boot: int | None 
         keys.setdefault(label, []).append(key)
     data = st.compare_stats(groups, n_boot or st.N_BOOT, st.BOOT_SEED if boot_seed is None else boot_seed)
     adversarial = st.adversarial_ranking({
-        label: [(res, st.final_gcg(dirs[key], res) if dirs and key in dirs else None)
-                for key, res in runs.items() if (key[0] if isinstance(key, tuple) else key) == label]
-        for label in groups})
+        label: [(runs[k], st.final_gcg(dirs[k], runs[k]) if dirs and k in dirs else None) for k in ks]
+        for label, ks in keys.items()})
     if adversarial is not None:
         data["adversarial"] = adversarial
     methods = data["methods"]

@@ -428,13 +428,11 @@ def spearman_exact_p(x, y, max_n: int = 9) -> float | None:
     rho = spearman(x, y)
     if rho is None or len(x) > max_n:
         return None
-    y = list(y)
-    hits = total = 0
-    for perm in itertools.permutations(range(len(y))):
-        r = spearman(x, [y[i] for i in perm])
-        total += 1
-        hits += r is not None and abs(r) >= abs(rho) - 1e-12
-    return hits / total
+    rx, ry = midranks(x), midranks(y)  # ranks of a permuted y are the permuted ranks: computed once
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    perms = np.array(list(itertools.permutations(range(len(ry)))))
+    r = ry[perms] @ rx / math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
+    return float(np.mean(np.abs(r) >= abs(rho) - 1e-12))
 
 
 GCG_METRIC = "refusal_rate_attack"

@@ -360,3 +360,8 @@ def coarse_category(source: str, category: str) -> str:
 COARSE_SLUGS = {"Disinformation and deception": "disinformation", "Hate, harassment and discrimination": "hate",
                 "Illegal goods and services": "illegal-goods", "Non-violent crimes": "non-violent-crimes",
                 "Sexual content": "sexual", "Violence": "violence", "Self-harm": "self-harm"}
+
+
+def coarse_slug(source: str, category: str) -> str | None:
+    """The ``COARSE_SLUGS`` short name of ``coarse_category(source, category)``; None for "other"."""
+    return COARSE_SLUGS.get(coarse_category(source, category))

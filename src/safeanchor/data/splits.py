@@ -290,15 +290,15 @@ def harmbench_monitor(scheme: str, kinds: str) -> list[dict]:
 
 
 def _offline(kind: str, n: int | None, seed: int, categories: str | None = None, key: str = "") -> list[dict]:
-    from .safety import COARSE_SLUGS, coarse_category, refusal
+    from .safety import coarse_slug, refusal
 
     train, monitor = harmful_split()
     train = [train[i] for i in np.random.default_rng(4321).permutation(len(train))]  # mix the sources
     if categories:  # the same order, other categories left out
         wanted = set(categories.split(","))
         pool = harmful_prompts_by_text()
-        monitor = [p for p in monitor if COARSE_SLUGS.get(coarse_category(*pool[p])) in wanted]
-        train = [r for r in train if COARSE_SLUGS.get(coarse_category(r["source"], r["category"])) in wanted]
+        monitor = [p for p in monitor if coarse_slug(*pool[p]) in wanted]
+        train = [r for r in train if coarse_slug(r["source"], r["category"]) in wanted]
         if not (monitor if kind == "monitor" else train):
             raise SafeAnchorError(f"{key}: no offline {kind} prompt is in the categories {categories}")
     if kind == "monitor":
