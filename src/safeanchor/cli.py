@@ -358,6 +358,7 @@ def dry_run(plan: list, out: Path, args) -> str:
     from .data.domains import get_domain
     from .data.safety import benign_borderline, harm_probe
     from .methods import get_method
+    from .models import native_bf16, resolve_device
     from .pipeline import method_options_for
 
     cfg = plan[0][0]
@@ -390,12 +391,13 @@ def dry_run(plan: list, out: Path, args) -> str:
     lr = cfg.lora
     lines.append(f"LoRA: r {lr.r}, alpha {lr.alpha}, dropout {lr.dropout}; targets {targets}")
     tc = cfg.train
+    bf16_why = native_bf16(resolve_device(cfg.model.device))[1]
     rule = (f"train.steps_per_domain {tc.steps_per_domain}" if tc.steps_per_domain else
             f"epochs {tc.epochs:g} x examples / (batch {tc.batch_size} x accumulation {tc.grad_accum})")
     lines += [f"training: epochs {tc.epochs:g}{' (not used: steps are fixed)' if tc.steps_per_domain else ''}; steps "
               f"per domain = {rule}; lr {tc.lr:g}, max_length {tc.max_length}; precision "
               + ("bf16 autocast, fp32 LoRA weights and optimizer state" if tc.mixed_precision == "bf16" else
-                 f"{cfg.model.dtype} (train.mixed_precision: no)"), "domains, in order:"]
+                 f"{cfg.model.dtype} (train.mixed_precision: no)") + f" ({bf16_why})", "domains, in order:"]
     for t, d in enumerate(domains, 1):
         first, *rest = _domain_plan(cfg, d)
         lines += [f"  {t}. {first}", *[f"  {r}" for r in rest]]
@@ -412,6 +414,7 @@ def dry_run(plan: list, out: Path, args) -> str:
     lines += [f"evaluation: probe {probe_txt} HarmBench standard behaviours; over-refusal "
               f"{min(ec.benign_size, benign)} of {benign} benign look-alikes; greedy, {ec.max_new_tokens} new tokens, batch {ec.batch_size}, "
               + ("bf16 autocast" if ec.mixed_precision == "bf16" else f"{cfg.model.dtype} (eval.mixed_precision: no)")
+              + f" ({bf16_why})"
               + (f"; suite tasks {', '.join(ec.tasks)}" + (f" (limit {ec.task_limit})" if ec.task_limit else "")
                  if ec.tasks else "")
               + (f"; held-out styles {', '.join(ec.heldout_sets)} ({ec.heldout_size} each)" if ec.heldout_sets else ""),

