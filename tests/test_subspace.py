@@ -380,6 +380,31 @@ def test_merge_union_identical_and_disjoint():
 
 # -- principal angles ----------------------------------------------------------------------------------
 
+def test_a_basis_read_back_from_a_file_projects_bit_for_bit_like_the_one_in_memory(tmp_path):
+    """Resume equality rests on this: safetensors returns tensors at any offset of its buffer (56 mod 64 was
+    seen), and on an AVX2 CPU a matmul over such a tensor rounds differently from the same values at an
+    aligned address, so a resumed SafeAnchor run drifted by an ulp from the uninterrupted one. FisherBasis
+    keeps its V at an aligned address; the projection of fresh random gradients must then be identical."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    bases = {f"m{i}": ss.FisherBasis(torch.linalg.qr(torch.randn(p, k, generator=g))[0], torch.rand(k).double(),
+                                     1.0, 8) for i, (p, k) in enumerate([(384, 8), (512, 9), (512, 5), (96, 3)])}
+    path = tmp_path / "b.safetensors"
+    ss.save_bases(path, bases)
+    loaded = ss.load_bases(path)
+    for n, b in bases.items():
+        v, w = b.basis, loaded[n].basis
+        assert w.data_ptr() % 64 == 0, f"seed {seed}: {n} read back at offset {w.data_ptr() % 64} mod 64"
+        grad = torch.randn(v.shape[0], 4, generator=g)
+        assert torch.equal(v @ (v.T @ grad), w @ (w.T @ grad)), f"seed {seed}: {n} projects differently from file"
+    # any unaligned input is realigned, values unchanged
+    flat = torch.randn(385 * 8, generator=g)
+    view = flat[8:].view(384, 8)
+    assert view.data_ptr() % 64 != 0
+    b = ss.FisherBasis(view, torch.ones(8).double(), 1.0, 1)
+    assert b.basis.data_ptr() % 64 == 0 and torch.equal(b.basis, view)
+
+
 def test_principal_angles():
     gen = torch.Generator().manual_seed(40)
     q = torch.linalg.qr(torch.randn(50, 9, generator=gen))[0]

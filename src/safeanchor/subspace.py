@@ -290,6 +290,9 @@ def per_sample_grads_loop(model: nn.Module, batch: dict, modules: dict[str, tupl
 
 # -- Fisher bases --------------------------------------------------------------------------------------
 
+_ALIGN = 64  # bytes: the CPU allocator's alignment (c10 uses 64)
+
+
 @dataclass
 class FisherBasis:
     """A truncated eigendecomposition of one module's empirical Fisher.
@@ -308,9 +311,13 @@ class FisherBasis:
     n_samples: int
 
     def __post_init__(self):
-        # one memory layout everywhere (QR returns column-major V): the projection's matmuls then round the
-        # same way for a basis computed in this process and one read back from a file on resume
+        # one memory layout everywhere (QR returns column-major V), in memory aligned like a fresh allocation
+        # (safetensors hands out tensors at any offset of its buffer, e.g. 56 mod 64; on an AVX2 CPU a matmul
+        # over such a tensor rounds differently from the same values at an aligned address): the projection's
+        # matmuls then round the same way for a basis computed in this process and one read back on resume
         self.basis = self.basis.contiguous()
+        if self.basis.device.type == "cpu" and self.basis.data_ptr() % _ALIGN:
+            self.basis = self.basis.clone()
 
     def to_cpu(self) -> "FisherBasis":
         """This basis with V on the CPU (itself when it is there already)."""
