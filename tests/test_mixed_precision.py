@@ -72,3 +72,7 @@ def test_native_bf16_reads_the_cpu_flags_torch_reports():
     native, why = native_bf16("cpu")
     assert native is bool(flags) and why
     assert native_bf16("mps")[0] is False
+    if not torch.cuda.is_available():  # a GPU config planned on a CPU machine: no error, no bf16 claimed
+        assert native_bf16("cuda:1") == (False, "CUDA is not available on this machine to check for bf16")
+        cfg = load_config("smoke", overrides={"model.device": "cuda", "train.mixed_precision": "auto"})
+        assert cfg.train.mixed_precision == "no"

@@ -358,7 +358,7 @@ def dry_run(plan: list, out: Path, args) -> str:
     from .data.domains import get_domain
     from .data.safety import benign_borderline, harm_probe
     from .methods import get_method
-    from .models import native_bf16, resolve_device
+    from .models import native_bf16
     from .pipeline import method_options_for
 
     cfg = plan[0][0]
@@ -391,7 +391,7 @@ def dry_run(plan: list, out: Path, args) -> str:
     lr = cfg.lora
     lines.append(f"LoRA: r {lr.r}, alpha {lr.alpha}, dropout {lr.dropout}; targets {targets}")
     tc = cfg.train
-    bf16_why = native_bf16(resolve_device(cfg.model.device))[1]
+    bf16_why = native_bf16(cfg.model.device)[1]
     rule = (f"train.steps_per_domain {tc.steps_per_domain}" if tc.steps_per_domain else
             f"epochs {tc.epochs:g} x examples / (batch {tc.batch_size} x accumulation {tc.grad_accum})")
     lines += [f"training: epochs {tc.epochs:g}{' (not used: steps are fixed)' if tc.steps_per_domain else ''}; steps "

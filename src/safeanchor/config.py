@@ -440,9 +440,9 @@ def resolve_precisions(cfg: RunConfig) -> None:
                 if sec.mixed_precision in ("auto", "bf16")]
     if not sections:
         return
-    from .models import native_bf16, resolve_device
+    from .models import native_bf16
 
-    native, why = native_bf16(resolve_device(cfg.model.device))
+    native, why = native_bf16(cfg.model.device)
     for name, sec in sections:
         if sec.mixed_precision == "auto":
             sec.mixed_precision = "bf16" if native else "no"

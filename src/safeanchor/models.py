@@ -44,9 +44,12 @@ def native_bf16(device: torch.device | str) -> tuple[bool, str]:
     AVX512-BF16; without them PyTorch emulates bf16 matmuls, and bf16 autocast turns from a speed-up (3x a
     float32 matmul with AMX-bf16) into a slow-down (0.5 against 35 GFLOP/s for 1024 x 1024 on one AVX2
     core: `python benchmarks/cpu_bf16.py`)."""
-    device = torch.device(device) if isinstance(device, str) else device
+    if isinstance(device, str):  # a config's model.device: checked here without raising (a dry run may plan a
+        device = resolve_device("auto") if device == "auto" else torch.device(device)  # GPU run on a laptop)
     if device.type == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available on this machine to check for bf16"
+        ok = torch.cuda.is_bf16_supported()
         return ok, "this GPU supports bf16" if ok else "this GPU has no native bf16 (pre-Ampere)"
     if device.type == "cpu":
         cpu = getattr(torch, "cpu", None)
