@@ -435,7 +435,7 @@ def _build(cls, data: dict, where: str):
 def resolve_precisions(cfg: RunConfig) -> None:
     """Turn ``mixed_precision: auto`` (train and eval) into bf16 or no for the run's device, and warn when bf16
     is asked for on a device that only emulates it (a CPU without AMX or AVX512-BF16: bf16 autocast there
-    makes a quick-start step ~60x slower instead of faster). Explicit choices are kept as given."""
+    made a quick-start training step 16x slower instead of faster). Explicit choices are kept as given."""
     sections = [(name, sec) for name, sec in (("train", cfg.train), ("eval", cfg.eval))
                 if sec.mixed_precision in ("auto", "bf16")]
     if not sections:
