@@ -50,7 +50,10 @@ def cpu_name() -> str:
 
 
 def training_step(steps: int) -> dict:
-    """Seconds per quick-start optimizer step, float32 against bf16 autocast, alternating."""
+    """Seconds per quick-start optimizer step (``quickstart_speed.time_steps``), float32 against bf16
+    autocast, alternating."""
+    from quickstart_speed import time_steps  # this folder is on sys.path when the script runs
+
     from safeanchor.config import LoRAConfig, ModelConfig
     from safeanchor.data.chat import collate, encode, mean_token_nll
     from safeanchor.models import attach_lora, load_model
@@ -63,20 +66,15 @@ def training_step(steps: int) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
 
-    def one(bf16: bool) -> float:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = mean_token_nll(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+    def bf16_loss(m, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward only, as train.mixed_precision bf16
+            return mean_token_nll(m, b)
 
-    one(False)  # warm-up
+    time_steps(model, batch, mean_token_nll, opt, 1)  # warm-up
     times = {"fp32": [], "bf16": []}
     for _ in range(steps):
-        times["fp32"].append(one(False))
-        times["bf16"].append(one(True))
+        times["fp32"] += time_steps(model, batch, mean_token_nll, opt, 1)
+        times["bf16"] += time_steps(model, batch, bf16_loss, opt, 1)
     f32, b16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
     print("training step", {"fp32_s": round(f32, 2), "bf16_s": round(b16, 2)}, flush=True)
     return {"batch": 8, "tokens": int(batch["input_ids"].shape[1]), "steps": steps, "fp32_s": round(f32, 3),
