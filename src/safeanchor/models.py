@@ -42,7 +42,8 @@ def native_bf16(device: torch.device | str) -> tuple[bool, str]:
 
     A CUDA GPU counts when torch says it supports bf16 (Ampere and newer). A CPU counts with AMX tiles or
     AVX512-BF16; without them PyTorch emulates bf16 matmuls, and bf16 autocast turns from a speed-up (3x a
-    float32 matmul with AMX-bf16) into a slow-down (on one AVX2 core: autocast linears at 7.4-9.3 against
+    float32 matmul with AMX-bf16; 2.1-2.3x, and 1.8x a quick-start training step, with AVX512-BF16 alone on a
+    Zen 4 EPYC) into a slow-down (on one AVX2 core: autocast linears at 7.4-9.3 against
     53-71 GFLOP/s, a quick-start training step 201 s against 12.5 s; `python benchmarks/cpu_bf16.py`)."""
     if isinstance(device, str):  # a config's model.device: checked here without raising (a dry run may plan a
         device = resolve_device("auto") if device == "auto" else torch.device(device)  # GPU run on a laptop)
