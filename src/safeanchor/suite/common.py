@@ -112,6 +112,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def archive_source(name: str, member: str) -> str:
+    if name == "bigbench" and bigbench_dir() is not None:
+        return f"{bigbench_dir()}/{member[len(BIGBENCH_ROOT):] if member.startswith(BIGBENCH_ROOT) else member}"
     arc = ARCHIVES[name]
     return f"{arc.package}=={arc.version}:{member}"
 
@@ -119,18 +121,45 @@ def archive_source(name: str, member: str) -> str:
 def data_info(name: str, members: list[str] | str, n_available: int, selection: str, **extra) -> dict:
     """The ``data`` field of a task result: where the items came from and which were used."""
     arc = ARCHIVES[name]
+    members = [members] if isinstance(members, str) else list(members)
+    if name == "bigbench" and bigbench_dir() is not None:  # read from a BIG-bench clone, not the archive
+        return {"directory": str(bigbench_dir()), "members": [m[len(BIGBENCH_ROOT):] if m.startswith(BIGBENCH_ROOT)
+                                                               else m for m in members],
+                "license": arc.license, "n_available": n_available, "selection": selection, **extra}
     return {"archive": f"{arc.package}=={arc.version}", "file": arc.filename, "sha256": arc.sha256,
-            "members": [members] if isinstance(members, str) else list(members), "license": arc.license,
-            "n_available": n_available, "selection": selection, **extra}
+            "members": members, "license": arc.license, "n_available": n_available, "selection": selection, **extra}
 
 
 BIGBENCH_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 _BIGBENCH_KEEP = ("truthful_qa/", "bbq_lite/resources/")
+BIGBENCH_DIR_ENV = "SAFEANCHOR_BIGBENCH_DIR"
+
+
+def bigbench_dir() -> Path | None:
+    """``$SAFEANCHOR_BIGBENCH_DIR``: a ``bigbench/benchmark_tasks`` folder (of a clone of
+    github.com/google/BIG-bench) to read the task files from instead of the PyPI sdist, which PyPI no longer
+    serves; None when unset. A set variable that is not such a folder is an error, not a silent fallback."""
+    value = os.environ.get(BIGBENCH_DIR_ENV, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not (path / "truthful_qa").is_dir() and not (path / "bbq_lite").is_dir():
+        raise SafeAnchorError(f"{BIGBENCH_DIR_ENV}={value} has neither truthful_qa/ nor bbq_lite/; point it at the "
+                              f"bigbench/benchmark_tasks folder of a BIG-bench clone")
+    return path
 
 
 def bigbench_json(member: str) -> dict:
-    """A JSON file of the BIG-bench sdist (path under ``benchmark_tasks/``). The 358 MB archive is read
-    once: the files the suite uses (~25 MB) are extracted into the cache on first use."""
+    """A JSON file of BIG-bench's tasks (path under ``benchmark_tasks/``): from ``$SAFEANCHOR_BIGBENCH_DIR``
+    when set (``bigbench_dir``), else from the pinned sdist. The 358 MB archive is read once: the files the
+    suite uses (~25 MB) are extracted into the cache on first use."""
+    local = bigbench_dir()
+    if local is not None:
+        if not (local / member).is_file():
+            raise SafeAnchorError(f"{local / member} does not exist; {BIGBENCH_DIR_ENV} must be the "
+                                  f"bigbench/benchmark_tasks folder of a BIG-bench clone")
+        with open(local / member, encoding="utf-8") as fh:
+            return json.load(fh)
     target = cache_dir() / "extracted" / "bigbench-1.0.0"
     done = target / ".complete"
     if not done.exists():
