@@ -229,3 +229,20 @@ def test_measure_records_helpfulness_from_the_suite(monkeypatch, tmp_path):
                                                                                 "mmlu": {"acc": 1.0}}})
     with pytest.raises(SafeAnchorError, match="helpfulness check failed.*no data.*helpfulness_limit: 0"):
         align.measure(None, None, None, cfg, tmp_path)
+
+
+def test_missing_helpfulness_data_stops_alignment_before_the_model_loads(monkeypatch, tmp_path):
+    """PyPI no longer serves the bigbench sdist: with align.helpfulness_limit > 0 the alignment must say so at
+    once (naming the fix), not after minutes of validating the unaligned model."""
+    from safeanchor.suite import truthfulqa
+
+    def unavailable():
+        raise SafeAnchorError("https://pypi.org/simple/bigbench/ does not list bigbench-1.0.0.tar.gz")
+
+    monkeypatch.setattr(truthfulqa, "load_bigbench", unavailable)
+    monkeypatch.setattr("safeanchor.models.load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    cfg = load_config("quickstart", overrides={"align.artifact": "", "align.helpfulness_limit": 50})
+    with pytest.raises(SafeAnchorError, match="cannot load its data.*does not list bigbench.*helpfulness_limit: 0"):
+        align.train_alignment(cfg, tmp_path / "aligned")
+    cfg = load_config("quickstart", overrides={"align.artifact": "", "align.helpfulness_limit": 0})
+    align.check_helpfulness_data(cfg)  # nothing to load, nothing raised

@@ -129,6 +129,21 @@ def validation_sets(cfg) -> dict[str, dict]:
             for k, (p, kind, src, ours) in sets.items()}
 
 
+def check_helpfulness_data(cfg) -> None:
+    """With ``align.helpfulness_limit`` > 0: the TruthfulQA and MMLU files load (downloading them if needed), so
+    that a missing archive stops the command before the model loads, not after the first validation."""
+    if not cfg.align.helpfulness_limit:
+        return
+    from .suite import mmlu, truthfulqa
+
+    try:
+        truthfulqa.load_bigbench()
+        mmlu.list_subjects()
+    except SafeAnchorError as exc:
+        raise SafeAnchorError(f"alignment helpfulness check (align.helpfulness_limit: {cfg.align.helpfulness_limit}) "
+                              f"cannot load its data: {exc}; or set align.helpfulness_limit: 0 to skip it") from None
+
+
 def measure(model, tok, judge, cfg, out_dir: Path | None = None) -> dict:
     """Refusal rate with its 95% Wilson interval on each of ``validation_sets``; the headline keys
     ``harmbench_refusal`` (the first ``eval.probe_size`` probe prompts, as the runs measure it),
@@ -178,6 +193,7 @@ def train_alignment(cfg, target: Path, progress=print) -> dict:
     from .train import Context, train_steps
 
     judge = KeywordRefusalJudge()
+    check_helpfulness_data(cfg)
     seed_everything(cfg.align.seed, 7)
     model, tok = load_model(cfg.model)
     work = target.with_name(target.name + ".work")
