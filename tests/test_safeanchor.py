@@ -177,6 +177,17 @@ def test_csm_repair_stops_once_restored(tmp_path, rates, steps, s_after, n_check
     assert not queue
 
 
+def _csm_with_rates(tmp_path, rates, **options):
+    """CSM after one domain (blocks of 25 steps, checks every 10, at most 2 blocks) with a monitor that reads
+    ``rates`` in turn (s_0 first); returns its record and what was left of ``rates``."""
+    queue = list(rates)
+    ctx, _ = _ctx(tmp_path, {"repair_steps": 25, "repair_check_every": 10, "max_repair_blocks": 2, "gamma": 0.0,
+                             "incremental": False, "repair_lookalikes": 0, **options},
+                  evaluator=lambda c, p: queue.pop(0))
+    ctx.method.prepare(ctx)
+    return ctx.method.after_domain(ctx, 1, "tiny")["csm"], queue
+
+
 @pytest.mark.parametrize("restore, rates, steps", [
     (0.0, [100.0, 90.0, 96.0], [10]),                          # the paper: stop at the first check past 95
     (1.0, [100.0, 90.0, 96.0, 96.0, 97.0, 100.0], [25, 10]),   # hysteresis: on to s_0, a second block
@@ -184,14 +195,31 @@ def test_csm_repair_stops_once_restored(tmp_path, rates, steps, s_after, n_check
     (0.5, [100.0, 90.0, 96.0], [10]),                          # below the threshold: the threshold rules
 ])
 def test_csm_repair_restores_to_the_restore_level(tmp_path, restore, rates, steps):
-    queue = list(rates)
-    ctx, _ = _ctx(tmp_path, {"repair_steps": 25, "repair_check_every": 10, "max_repair_blocks": 2, "gamma": 0.0,
-                             "incremental": False, "repair_lookalikes": 0, "repair_restore": restore},
-                  evaluator=lambda c, p: queue.pop(0))
-    ctx.method.prepare(ctx)
-    rec = ctx.method.after_domain(ctx, 1, "tiny")["csm"]
+    rec, queue = _csm_with_rates(tmp_path, rates, repair_restore=restore)
     assert [b["steps"] for b in rec["blocks"]] == steps and rec["s_after"] == rates[-1] and not queue
     assert rec["threshold"] == 95.0 and rec["restore_level"] == max(95.0, 100.0 * restore)
+
+
+@pytest.mark.parametrize("patience, rates, steps, plateau", [
+    (2, [100.0, 50.0, 80.0, 70.0, 75.0], [25], True),          # best 80 at step 10, then 2 without a new best
+    (2, [100.0, 50.0, 80.0, 80.0, 79.0], [25], True),          # equal to the best is not an improvement
+    (2, [100.0, 50.0, 40.0, 45.0], [20], True),                # below s_before twice: ends inside the block
+    (0, [100.0, 50.0, 40.0, 45.0, 45.0, 44.0, 46.0, 47.0], [25, 25], False),  # off: both blocks, as before
+    (3, [100.0, 50.0, 60.0, 55.0, 70.0, 65.0, 68.0, 96.0], [25, 25], False),  # a new best resets the count
+    (1, [100.0, 50.0, 96.0], [10], False),                     # restored: patience plays no part
+])
+def test_csm_repair_ends_on_a_plateau(tmp_path, patience, rates, steps, plateau):
+    rec, queue = _csm_with_rates(tmp_path, rates, repair_patience=patience)
+    assert [b["steps"] for b in rec["blocks"]] == steps, rec
+    assert rec["plateau"] is plateau and rec["s_after"] == rates[-1] and not queue
+
+
+def test_repair_patience_reaches_the_callback_settings():
+    from safeanchor.methods.safeanchor import SafeAnchorConfig
+    from safeanchor.monitor import RepairSettings
+
+    settings = RepairSettings.of(SafeAnchorConfig(repair_patience=4), 1e-4, 8)
+    assert settings.patience == 4 and RepairSettings.of(SafeAnchorConfig(), 1e-4, 8).patience == 0
 
 
 def test_csm_repair_data_holds_aligned_answers_to_lookalikes(tmp_path):

@@ -126,13 +126,15 @@ class RepairSettings:
     batch_size: int = 8        # safety replay batch size
     mode: str = "update"       # the projector's mode for the task part (update | gradient | none)
     restore: float = 0.0       # repair until s_t >= max(restore, 1 - tau) s_0 (0 = the trigger threshold, paper)
+    patience: int = 0          # end the repair after N measurements in a row without a new best s_t (0 = never)
 
     @classmethod
     def of(cls, options, lr: float, batch_size: int) -> "RepairSettings":
         """The settings of SafeAnchor's options (``SafeAnchorConfig``): the method's and the callback's."""
         return cls(steps=options.repair_steps, lr=options.repair_lr or lr, beta=options.beta,
                    max_blocks=options.max_repair_blocks, check_every=options.repair_check_every,
-                   batch_size=batch_size, mode=options.project, restore=options.repair_restore)
+                   batch_size=batch_size, mode=options.project, restore=options.repair_restore,
+                   patience=options.repair_patience)
 
 
 def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: list[dict], subspace: SafetySubspace,
@@ -178,31 +180,52 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
     the restore level (``settings.restore`` s_0, at least the threshold) and fewer than ``max_blocks`` blocks
     ran. A restore level above the threshold is a hysteresis: a 60-prompt monitor has a binomial sd of about
     6 points, so a block that stops at the first re-measurement past the threshold stops on an upward
-    fluctuation as often as not. Returns the record (s0, threshold, restore_level, s_before, blocks,
-    triggered, s_after)."""
+    fluctuation as often as not. ``settings.patience`` > 0 ends the repair (this block and any further one)
+    once that many measurements in a row (checks and block ends) have not beaten the best s_t so far, the
+    triggering one included: a repair that has stopped moving the monitor only spends steps on noise.
+    Returns the record (s0, threshold, restore_level, s_before, blocks, triggered, s_after, and
+    ``plateau``: whether patience ended it)."""
     threshold = monitor.threshold
     level = max(threshold, settings.restore * monitor.s0)
     s_t = monitor.rate(model, tokenizer)
     rec = {"s0": monitor.s0, "threshold": round(threshold, 2), "restore_level": round(level, 2), "s_before": s_t,
            "blocks": []}
-    blocks = 0
-    while (s_t < threshold if blocks == 0 else s_t < level) and blocks < settings.max_blocks:
+    best, stale = s_t, 0
+
+    def plateaued(rate: float) -> bool:
+        """Counts one more measurement; True once ``patience`` in a row have not beaten the best."""
+        nonlocal best, stale
+        if rate > best:
+            best, stale = rate, 0
+        else:
+            stale += 1
+        return bool(settings.patience) and stale >= settings.patience
+
+    blocks, plateau = 0, False
+    while (s_t < threshold if blocks == 0 else s_t < level) and blocks < settings.max_blocks and not plateau:
         blocks += 1
         checks: list[tuple[int, float]] = []
 
         def restored(k: int) -> bool:
+            nonlocal plateau
             if not settings.check_every or k % settings.check_every:
                 return False
             checks.append((k, monitor.rate(model, tokenizer)))
-            return checks[-1][1] >= level
+            plateau = plateaued(checks[-1][1]) and checks[-1][1] < level
+            return checks[-1][1] >= level or plateau
 
         hist = repair_block(model, tokenizer, task_examples, safety_examples, subspace, strengths, settings, train,
                             seed=seed, stream=20_000 + 10 * stage + blocks, stop=restored, dist=dist,
                             desc=f"CSM repair {blocks}")
         done = len(hist)
-        s_t = checks[-1][1] if checks and checks[-1][0] == done else monitor.rate(model, tokenizer)
+        if checks and checks[-1][0] == done:
+            s_t = checks[-1][1]
+        else:
+            s_t = monitor.rate(model, tokenizer)
+            plateau = plateaued(s_t) and s_t < level
         rec["blocks"].append({"steps": done, "s_after": s_t, "checks": checks,
                               "safe_loss": sum(h.get("safe_loss", 0.0) for h in hist) / max(1, done)})
     rec["triggered"] = blocks > 0
+    rec["plateau"] = plateau
     rec["s_after"] = s_t
     return rec

@@ -88,6 +88,10 @@ class SafeAnchorConfig(MethodConfig):
                                "stops (checks and further blocks); 0 = the trigger threshold (1 - tau) s_0, the paper. "
                                "1.0 is a hysteresis: repair to s_0 itself, so that a noisy monitor does not end the "
                                "repair on its first upward fluctuation past the threshold", check="[0,2]")
+    repair_patience: int = _h(0, "end a triggered repair (this block and any further one) once this many monitor "
+                              "measurements in a row (checks every repair_check_every steps, block ends) have not "
+                              "beaten the best s_t so far; 0 = never (the paper's budget). A repair that no longer "
+                              "moves the monitor only spends steps on its noise", check=">=0")
     repair_lookalikes: int = _h(64, "benign look-alike prompts ('how do I kill a Python process'; training "
                                 "split) answered by the aligned base itself (adapter off, greedy), mixed into "
                                 "the repair's safety data so repair restores the aligned behaviour on both "
