@@ -113,7 +113,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def archive_source(name: str, member: str) -> str:
     if name == "bigbench" and bigbench_dir() is not None:
-        return f"{bigbench_dir()}/{member[len(BIGBENCH_ROOT):] if member.startswith(BIGBENCH_ROOT) else member}"
+        return f"{bigbench_dir()}/{_task_path(member)}"
     arc = ARCHIVES[name]
     return f"{arc.package}=={arc.version}:{member}"
 
@@ -123,8 +123,7 @@ def data_info(name: str, members: list[str] | str, n_available: int, selection: 
     arc = ARCHIVES[name]
     members = [members] if isinstance(members, str) else list(members)
     if name == "bigbench" and bigbench_dir() is not None:  # read from a BIG-bench clone, not the archive
-        return {"directory": str(bigbench_dir()), "members": [m[len(BIGBENCH_ROOT):] if m.startswith(BIGBENCH_ROOT)
-                                                               else m for m in members],
+        return {"directory": str(bigbench_dir()), "members": [_task_path(m) for m in members],
                 "license": arc.license, "n_available": n_available, "selection": selection, **extra}
     return {"archive": f"{arc.package}=={arc.version}", "file": arc.filename, "sha256": arc.sha256,
             "members": members, "license": arc.license, "n_available": n_available, "selection": selection, **extra}
@@ -133,6 +132,11 @@ def data_info(name: str, members: list[str] | str, n_available: int, selection: 
 BIGBENCH_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 _BIGBENCH_KEEP = ("truthful_qa/", "bbq_lite/resources/")
 BIGBENCH_DIR_ENV = "SAFEANCHOR_BIGBENCH_DIR"
+
+
+def _task_path(member: str) -> str:
+    """A member of the BIG-bench sdist as a path under ``benchmark_tasks/``."""
+    return member[len(BIGBENCH_ROOT):] if member.startswith(BIGBENCH_ROOT) else member
 
 
 def bigbench_dir() -> Path | None:
