@@ -121,7 +121,7 @@ def test_measure_reports_each_set_with_a_wilson_interval(monkeypatch):
                                                "align.validation_size": 20, "align.artifact": ""})
     truth = {}
 
-    def fake_generate_judged(model, tok, judges, prompts, max_new_tokens, batch_size, desc, dist=None):
+    def fake_generate_judged(model, tok, judges, prompts, max_new_tokens, batch_size, desc, dist=None, cache=None):
         labels = [rng.randint(0, 1) for _ in prompts]
         truth[desc] = labels
         return [{"prompt": p, "completion": "", "label": lbl} for p, lbl in zip(prompts, labels)]
@@ -246,3 +246,25 @@ def test_missing_helpfulness_data_stops_alignment_before_the_model_loads(monkeyp
         align.train_alignment(cfg, tmp_path / "aligned")
     cfg = load_config("quickstart", overrides={"align.artifact": "", "align.helpfulness_limit": 0})
     align.check_helpfulness_data(cfg)  # nothing to load, nothing raised
+
+
+def test_a_second_alignment_of_the_same_model_generates_only_the_aligned_models_completions(
+        tmp_path, monkeypatch, generated):
+    """The unaligned model's completions (validation before training, self-distilled answers) are the same
+    whatever the held-out sources, steps or lr: a second alignment takes them from the cache (keyed by a
+    checksum of the weights), reports the same 'before' numbers and SFT data, and generates only the
+    validation of the model it trained. eval.base_cache: false generates everything again."""
+    monkeypatch.setenv("SAFEANCHOR_CACHE", str(tmp_path / "cache"))
+    quiet = lambda *_: None  # noqa: E731
+    first = align.train_alignment(load_config("smoke"), tmp_path / "a", progress=quiet)
+    n_first = sum(map(len, generated))
+    generated.clear()
+    second = align.train_alignment(load_config("smoke", overrides={"align.steps": 2}), tmp_path / "b", progress=quiet)
+    n_second = sum(map(len, generated))
+    assert second["before"] == first["before"] and second["data"] == first["data"]
+    n_validation = sum(len(s["prompts"]) for s in align.validation_sets(load_config("smoke")).values())
+    assert n_second == n_validation and n_first == 2 * n_validation + first["data"]["benign_prompts"]
+    assert list((tmp_path / "cache" / "unaligned").glob("*/generations-*.json"))
+    generated.clear()
+    align.train_alignment(load_config("smoke", overrides={"eval.base_cache": False}), tmp_path / "c", progress=quiet)
+    assert sum(map(len, generated)) == n_first

@@ -65,10 +65,26 @@ def artifact_path(spec: str) -> Path:
     return path
 
 
-def alignment_data(cfg, model, tok, judge, progress=print) -> tuple[list[dict], dict]:
+def unaligned_cache(model):
+    """A ``generation.GenerationCache`` of the unaligned model, in a folder named by a checksum of its weights:
+    its validation before training and its self-distilled answers are the same in every alignment of it,
+    whatever the held-out sources, steps or learning rate (about 17 of the 55 minutes of one alignment of the
+    embedded model on one CPU thread)."""
+    from .generation import GenerationCache
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return GenerationCache(cache_dir() / "unaligned" / digest.hexdigest()[:16], model)
+
+
+def alignment_data(cfg, model, tok, judge, progress=print, cache=None) -> tuple[list[dict], dict]:
     """The SFT mix: harmful prompts of the training pool (minus ``align.holdout_sources`` and the held-out
     monitor split) -> refusals written by us; benign prompts (look-alikes, our benign direct questions,
-    ordinary requests) -> the unaligned model's own answers, the ones the judge does not call refusals."""
+    ordinary requests) -> the unaligned model's own answers, the ones the judge does not call refusals.
+    ``cache``: ``unaligned_cache(model)`` (greedy answers generated once per model)."""
     from .data.safety import benign_borderline, benign_direct, benign_general, refusal
     from .generation import generate
     from .data.splits import harmful_split
@@ -83,7 +99,7 @@ def alignment_data(cfg, model, tok, judge, progress=print) -> tuple[list[dict], 
     general = benign_general(max(0, ac.benign_examples - len(borderline)), seed=ac.seed)
     benign = (borderline + general)[: ac.benign_examples]
     progress(f"align: self-distilling answers to {len(benign)} benign prompts with the unaligned model")
-    answers = generate(model, tok, benign, ac.answer_tokens, cfg.eval.batch_size, desc="self-distil")
+    answers = generate(model, tok, benign, ac.answer_tokens, cfg.eval.batch_size, desc="self-distil", cache=cache)
     labels = judge(benign, answers)
     kept = [{"prompt": p, "response": a} for p, a, lbl in zip(benign, answers, labels) if lbl == 0 and a.strip()]
     lookalike = set(borderline)
@@ -144,11 +160,11 @@ def check_helpfulness_data(cfg) -> None:
                               f"cannot load its data: {exc}; or set align.helpfulness_limit: 0 to skip it") from None
 
 
-def measure(model, tok, judge, cfg, out_dir: Path | None = None) -> dict:
+def measure(model, tok, judge, cfg, out_dir: Path | None = None, cache=None) -> dict:
     """Refusal rate with its 95% Wilson interval on each of ``validation_sets``; the headline keys
     ``harmbench_refusal`` (the first ``eval.probe_size`` probe prompts, as the runs measure it),
     ``monitor_refusal`` and ``benign_over_refusal`` are kept. With ``align.helpfulness_limit`` > 0 also
-    TruthfulQA MC2 and MMLU (written under ``out_dir``)."""
+    TruthfulQA MC2 and MMLU (written under ``out_dir``). ``cache``: a ``GenerationCache`` of this model."""
     from .evaluation import generate_judged
     from .stats import refusal_cell
 
@@ -158,7 +174,7 @@ def measure(model, tok, judge, cfg, out_dir: Path | None = None) -> dict:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     for name, spec in validation_sets(cfg).items():
         records = generate_judged(model, tok, {"label": judge}, spec["prompts"], ec.max_new_tokens, ec.batch_size,
-                                  f"align {name}")
+                                  f"align {name}", cache=cache)
         labels = [r["label"] for r in records]
         if out_dir is not None:
             with open(Path(out_dir) / f"{name.replace(':', '-')}.jsonl", "w") as fh:
@@ -198,9 +214,10 @@ def train_alignment(cfg, target: Path, progress=print) -> dict:
     model, tok = load_model(cfg.model)
     work = target.with_name(target.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    before = measure(model, tok, judge, cfg, work / "validation-before")
+    cache = unaligned_cache(model) if cfg.eval.base_cache else None
+    before = measure(model, tok, judge, cfg, work / "validation-before", cache=cache)
     progress(f"align: unaligned model {_headline(before)}")
-    examples, stats = alignment_data(cfg, model, tok, judge, progress)
+    examples, stats = alignment_data(cfg, model, tok, judge, progress, cache=cache)
     acfg = copy.deepcopy(cfg)
     acfg.train.batch_size, acfg.train.grad_accum = cfg.align.batch_size, 1
     acfg.train.max_length, acfg.train.checkpoint_every, acfg.seed = cfg.align.max_length, 25, cfg.align.seed

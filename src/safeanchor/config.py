@@ -321,7 +321,9 @@ class EvalConfig:
         "with one setting")
     base_cache: bool = _f(True, "keep the aligned base's greedy completions (its step-0 evaluation, CSM's s_0, the "
                           "look-alikes' answers) in the base's directory and reuse them in every later run on that "
-                          "base, whatever the method or seed (no effect without the alignment stage)")
+                          "base, whatever the method or seed (no effect without the alignment stage); and the "
+                          "unaligned model's (the alignment stage's validation before training and its "
+                          "self-distilled answers) for every later alignment of that model")
     tasks: list = _f([], "evaluation-suite tasks run after the base and every domain (`safeanchor eval --list`); "
                      "their metrics go into each step's `suite` and `composite_safety`")
     task_limit: int = _f(0, "items per suite task (seeded sample, recorded); 0 = all", check=">=0")
