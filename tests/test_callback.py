@@ -200,6 +200,33 @@ def test_sft_trainer_with_the_callback_and_two_stages(tmp_path):
         assert r["subspace_after"]["modules"] == r["subspace"]["modules"]
 
 
+def test_callback_over_refusal_monitor_watches_the_prompts_after_the_repairs_lookalikes(tmp_path):
+    """``overrefusal_monitor``: b_0 on the aligned model, b_t after the stage in the CSM record; its prompts
+    are the benign prompts after the ``repair_lookalikes`` the repair replays."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    calib, task = _data(0)
+    tok = tiny_tokenizer()
+    benign = [f"how do I kill a python process {i}?" for i in range(5)]
+    config = SafeAnchorConfig(repair_steps=2, repair_check_every=0, max_repair_blocks=1, repair_lookalikes=2,
+                              overrefusal_monitor=3)
+    with pytest.raises(SafeAnchorError, match="overrefusal_monitor 3 needs 5 benign_prompts"):
+        SafeAnchorCallback(calib, tok, monitor_prompts=["how to steal 2?"], config=config, benign_prompts=benign[:4])
+    cb = SafeAnchorCallback(calib, tok, monitor_prompts=["how to do bad thing 99?", "how to steal 2?"],
+                            config=config, benign_prompts=benign, max_length=96)
+    assert cb.benign_monitor.prompts == benign[2:]
+    rows = [{"prompt": [{"role": "user", "content": e["prompt"]}],
+             "completion": [{"role": "assistant", "content": e["response"]}]} for e in task[:8]]
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, max_length=96, disable_tqdm=True)
+    SFTTrainer(model=_model(_cfg({}), 0), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+               callbacks=[cb]).train()
+    rec = cb.records[0]
+    assert rec["b0"] == cb.benign_monitor.s0 and rec["csm"]["b0"] == rec["b0"]
+    assert rec["csm"]["overrefusal_ceiling"] == rec["b0"] + 5.0 and "b_after" in rec["csm"]
+
+
 @pytest.mark.parametrize("setting, match", [({"deepspeed": "ds.json"}, "DeepSpeed"), ({"fsdp": "full_shard"}, "FSDP")])
 def test_unsupported_distributed_setups_are_refused_at_train_begin(setting, match):
     from types import SimpleNamespace

@@ -7,6 +7,7 @@ import torch
 from safeanchor import subspace as ss
 from safeanchor.config import load_config
 from safeanchor.data.chat import collate, mean_token_nll
+from safeanchor.errors import SafeAnchorError
 from safeanchor.methods import get_method
 from safeanchor.models import attach_lora, tiny_model, tiny_tokenizer
 from safeanchor.train import Context, train_steps
@@ -212,6 +213,64 @@ def test_csm_repair_ends_on_a_plateau(tmp_path, patience, rates, steps, plateau)
     rec, queue = _csm_with_rates(tmp_path, rates, repair_patience=patience)
     assert [b["steps"] for b in rec["blocks"]] == steps, rec
     assert rec["plateau"] is plateau and rec["s_after"] == rates[-1] and not queue
+
+
+def _csm_two_sided(tmp_path, rates, benign_rates, **options):
+    """``_csm_with_rates`` with CSM's over-refusal monitor on (20 look-alikes, tolerance 5): the harmful
+    monitor reads ``rates`` in turn, the benign one ``benign_rates`` (b_0 first)."""
+    queues = {"harmful": list(rates), "benign": list(benign_rates)}
+
+    def evaluator(ctx, prompts):
+        return queues["harmful" if prompts == ctx.monitor_prompts else "benign"].pop(0)
+
+    ctx, _ = _ctx(tmp_path, {"repair_steps": 25, "repair_check_every": 10, "max_repair_blocks": 2, "gamma": 0.0,
+                             "incremental": False, "repair_lookalikes": 0, "overrefusal_monitor": 20, **options},
+                  evaluator=evaluator)
+    prep = ctx.method.prepare(ctx)
+    return prep, ctx.method.after_domain(ctx, 1, "tiny")["csm"], queues
+
+
+@pytest.mark.parametrize("rates, benign_rates, steps, triggered", [
+    ([100.0, 98.0, 99.0], [10.0, 20.0, 12.0], [10], True),       # over-refusal alone starts a repair; back at 12
+    ([100.0, 98.0], [10.0, 15.0], [], False),                     # b_0 + 5 exactly is tolerated
+    ([100.0, 90.0, 96.0, 97.0], [10.0, 10.0, 20.0, 12.0], [20], True),  # s_t back at 10, b_t only at 20
+    ([100.0, 98.0] + [99.0] * 6, [10.0, 30.0] + [30.0] * 6, [25, 25], True),  # never
+    # restored: both blocks (the block end re-measures both monitors), as the harmful monitor's budget
+])
+def test_csm_over_refusal_monitor_triggers_and_ends_repair(tmp_path, rates, benign_rates, steps, triggered):
+    prep, rec, queues = _csm_two_sided(tmp_path, rates, benign_rates)
+    assert prep["b0"] == benign_rates[0] and rec["b0"] == benign_rates[0] and rec["overrefusal_ceiling"] == 15.0
+    assert [b["steps"] for b in rec["blocks"]] == steps, rec
+    assert rec["triggered"] is triggered and rec["b_before"] == benign_rates[1]
+    assert rec["s_after"] == rates[-1] and rec["b_after"] == benign_rates[-1]
+    assert not queues["harmful"] and not queues["benign"]
+
+
+def test_csm_over_refusal_monitor_off_never_measures_benign_prompts(tmp_path):
+    prep, rec, queues = _csm_two_sided(tmp_path, [100.0, 98.0], [10.0, 90.0], overrefusal_monitor=0)
+    assert "b0" not in prep and "b0" not in rec and not rec["triggered"]
+    assert queues["benign"] == [10.0, 90.0]  # the paper's CSM: harmful prompts only
+
+
+def test_over_refusal_monitor_prompts_are_neither_replayed_nor_evaluated():
+    from safeanchor.data.safety import benign_borderline
+    from safeanchor.monitor import builtin_lookalikes
+
+    seed = random.randrange(1000)
+    repair = builtin_lookalikes(192, seed)
+    watched = builtin_lookalikes(60, seed, skip=192)
+    assert len(watched) == 60 and not set(watched) & set(repair), f"seed {seed}"
+    assert not set(watched) & set(benign_borderline("eval")), f"seed {seed}"
+    assert builtin_lookalikes(252, seed) == repair + watched, f"seed {seed}"
+    with pytest.raises(SafeAnchorError, match="lower repair_lookalikes or overrefusal_monitor"):
+        builtin_lookalikes(10_000, seed, skip=192)
+
+
+def test_over_refusal_monitor_needs_a_refusal_judge_before_any_work():
+    with pytest.raises(SafeAnchorError, match="eval.monitor_judge 'llamaguard3' measures safe responses"):
+        load_config("smoke", overrides={"eval": {"monitor_judge": "llamaguard3"},
+                                        "method_options": {"safeanchor": {"overrefusal_monitor": 30}}})
+    load_config("smoke", overrides={"eval": {"monitor_judge": "llamaguard3"}})  # off: the paper's harm-judge monitor
 
 
 def test_repair_patience_reaches_the_callback_settings():

@@ -64,7 +64,9 @@ class SafeAnchorCallback(TrainerCallback):
     library's benign look-alikes, "how do I kill a Python process"), or ``monitor``: a ready ``SafetyMonitor`` (its own generation
     length, batch size, judge and tau). Without monitor prompts CSM is off. ``stage_examples(examples)`` gives the repair replay the
     current domain's examples before each ``trainer.train()`` (without them, repair replays the safety
-    data alone). ``records`` holds one dict per stage (subspace sizes, s_0, CSM, mean logs).
+    data alone). ``records`` holds one dict per stage (subspace sizes, s_0, CSM, mean logs). With
+    ``config.overrefusal_monitor`` > 0, CSM also measures over-refusal (``judge``) on the benign prompts after
+    the repair's look-alikes and repairs when it rises more than ``config.overrefusal_tolerance`` points.
     """
 
     def __init__(self, calibration: list[dict], tokenizer, *, monitor_prompts: list[str] | None = None,
@@ -84,6 +86,19 @@ class SafeAnchorCallback(TrainerCallback):
             monitor = SafetyMonitor(monitor_prompts, judge, tau=self.config.tau)
         self.monitor = monitor if self.config.csm else None
         self.benign_prompts = benign_prompts
+        self.benign_monitor: SafetyMonitor | None = None  # config.overrefusal_monitor > 0: over-refusal b_t
+        if self.monitor is not None and self.config.overrefusal_monitor > 0:
+            n, skip = self.config.overrefusal_monitor, self.config.repair_lookalikes
+            if benign_prompts is not None and len(benign_prompts) < skip + n:
+                raise SafeAnchorError(f"overrefusal_monitor {n} needs {skip + n} benign_prompts (the first "
+                                      f"repair_lookalikes {skip} are replayed by the repair), got {len(benign_prompts)}")
+            prompts = (benign_prompts[skip:skip + n] if benign_prompts is not None
+                       else builtin_lookalikes(n, seed, skip=skip))
+            self.benign_monitor = SafetyMonitor(prompts, judge, tau=0.0)
+            if self.benign_monitor.measures != "refusal":
+                raise SafeAnchorError(f"overrefusal_monitor measures over-refusal with ``judge``, which measures "
+                                      f"{self.benign_monitor.measures}; pass a refusal judge (keyword, "
+                                      f"wildguard-refusal) or set overrefusal_monitor: 0")
         self.lookalikes: list[dict] = []  # benign prompts with the aligned model's answers, for the repair
         self.subspace: SafetySubspace | None = None
         self.projector: SafetyProjector | None = None
@@ -111,6 +126,8 @@ class SafeAnchorCallback(TrainerCallback):
         precision = "bf16" if getattr(args, "bf16", False) else "no"
         if self.monitor is not None and self._own_monitor:
             self.monitor.mixed_precision = precision
+        if self.benign_monitor is not None:
+            self.benign_monitor.mixed_precision = precision
         record = {"stage": len(self.records) + 1}
         if self.subspace is None:
             self.subspace = SafetySubspace.compute(model, self.calibration, self.tokenizer, rho=o.rho,
@@ -119,6 +136,8 @@ class SafeAnchorCallback(TrainerCallback):
             if self.monitor is not None:
                 with model.disable_adapter():
                     record["s0"] = self.monitor.set_baseline(model, self.tokenizer)
+                    if self.benign_monitor is not None:
+                        record["b0"] = self.benign_monitor.set_baseline(model, self.tokenizer)
                 if o.repair_lookalikes > 0:
                     prompts = (self.benign_prompts[:o.repair_lookalikes] if self.benign_prompts is not None
                                else builtin_lookalikes(o.repair_lookalikes, self.seed))
@@ -173,7 +192,8 @@ class SafeAnchorCallback(TrainerCallback):
             safety = self.repair_examples + self.lookalikes
             record["csm"] = monitor_and_repair(self.monitor, model, self.tokenizer, self._task or safety,
                                                safety, self.projector.subspace, strengths, settings,
-                                               self._train_config(args), seed=self.seed, stage=record["stage"])
+                                               self._train_config(args), seed=self.seed, stage=record["stage"],
+                                               benign=self.benign_monitor)
             self._broadcast(model)
         if o.incremental and o.project != "none":
             self.subspace = self.subspace.refresh(model, self.calibration, self.tokenizer, merge=o.merge,

@@ -473,6 +473,15 @@ def _check_method_options(cfg: RunConfig) -> None:
         if name in METHODS and isinstance(opts, dict):
             method_options(METHODS[name], opts)
             cfg.method_options[name] = coerce_options(METHODS[name], opts)
+            if name == "safeanchor" and cfg.method_options[name].get("overrefusal_monitor", 0) > 0:
+                from .judges import judge_role
+
+                if judge_role(cfg.eval.monitor_judge) != "refusal":
+                    raise SafeAnchorError(
+                        f"method_options.safeanchor.overrefusal_monitor measures over-refusal with CSM's monitor "
+                        f"judge, and eval.monitor_judge {cfg.eval.monitor_judge!r} measures safe responses (a harm "
+                        f"judge); set eval.monitor_judge to a refusal judge (keyword, wildguard-refusal) or "
+                        f"overrefusal_monitor: 0")
         elif name in METHODS and opts is not None:
             raise SafeAnchorError(f"config key 'method_options.{name}' must be a mapping of {name}'s options, got "
                                   f"{opts!r}; write e.g. method_options: {{{name}: {{option: value}}}}")

@@ -101,17 +101,21 @@ def aligned_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     return [{"prompt": p, "response": a} for p, a, lbl in zip(prompts, answers, labels) if lbl == 0 and a.strip()]
 
 
-def builtin_lookalikes(n: int, seed: int = 0) -> list[str]:
+def builtin_lookalikes(n: int, seed: int = 0, skip: int = 0) -> list[str]:
     """``n`` of the library's benign prompts that sound dangerous ("how do I kill a Python process"; the
     look-alikes' training split, never the over-refusal evaluation split, and our benign short direct
-    questions), in a seeded order."""
+    questions), in a seeded order, after the first ``skip`` of that order (so that the repair's look-alikes,
+    the first ``repair_lookalikes``, and CSM's over-refusal monitor, the next ones, never share a prompt)."""
     import random
 
     from .data.safety import benign_borderline, benign_direct
 
     prompts = benign_borderline("train") + benign_direct()
+    if skip + n > len(prompts):
+        raise SafeAnchorError(f"{skip} + {n} benign look-alikes asked for, the library has {len(prompts)}; lower "
+                              f"repair_lookalikes or overrefusal_monitor")
     random.Random(seed).shuffle(prompts)
-    return prompts[:n]
+    return prompts[skip:skip + n]
 
 
 @dataclass
@@ -127,6 +131,7 @@ class RepairSettings:
     mode: str = "update"       # the projector's mode for the task part (update | gradient | none)
     restore: float = 0.0       # repair until s_t >= max(restore, 1 - tau) s_0 (0 = the trigger threshold, paper)
     patience: int = 0          # end the repair after N measurements in a row without a new best s_t (0 = never)
+    overrefusal_tolerance: float = 5.0  # with a benign monitor: repair while b_t > b_0 + this many points
 
     @classmethod
     def of(cls, options, lr: float, batch_size: int) -> "RepairSettings":
@@ -134,7 +139,7 @@ class RepairSettings:
         return cls(steps=options.repair_steps, lr=options.repair_lr or lr, beta=options.beta,
                    max_blocks=options.max_repair_blocks, check_every=options.repair_check_every,
                    batch_size=batch_size, mode=options.project, restore=options.repair_restore,
-                   patience=options.repair_patience)
+                   patience=options.repair_patience, overrefusal_tolerance=options.overrefusal_tolerance)
 
 
 def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: list[dict], subspace: SafetySubspace,
@@ -175,7 +180,8 @@ def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: l
 
 def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: list[dict],
                        safety_examples: list[dict], subspace: SafetySubspace, strengths: dict[str, float],
-                       settings: RepairSettings, train, *, seed: int = 0, stage: int = 1, dist=None) -> dict:
+                       settings: RepairSettings, train, *, seed: int = 0, stage: int = 1, dist=None,
+                       benign: SafetyMonitor | None = None) -> dict:
     """CSM after stage ``stage``: measure s_t; if s_t < (1 - tau) s_0, repair and re-measure while s_t is below
     the restore level (``settings.restore`` s_0, at least the threshold) and fewer than ``max_blocks`` blocks
     ran. A restore level above the threshold is a hysteresis: a 60-prompt monitor has a binomial sd of about
@@ -183,13 +189,32 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
     fluctuation as often as not. ``settings.patience`` > 0 ends the repair (this block and any further one)
     once that many measurements in a row (checks and block ends) have not beaten the best s_t so far, the
     triggering one included: a repair that has stopped moving the monitor only spends steps on noise.
+    ``benign``: a second monitor on benign look-alike prompts (its ``s0`` is b_0, the aligned model's refusal
+    rate on them; ``rate`` is b_t, the over-refusal): then a repair also starts when b_t > b_0 +
+    ``settings.overrefusal_tolerance``, and it goes on until both monitors are restored. The paper's monitor
+    sees harmful prompts only, so a domain that teaches refusing benign questions is never repaired.
     Returns the record (s0, threshold, restore_level, s_before, blocks, triggered, s_after, and
-    ``plateau``: whether patience ended it)."""
+    ``plateau``: whether patience ended it; with ``benign`` also b0, overrefusal_ceiling, b_before, b_after
+    and each check's b_t)."""
     threshold = monitor.threshold
     level = max(threshold, settings.restore * monitor.s0)
     s_t = monitor.rate(model, tokenizer)
     rec = {"s0": monitor.s0, "threshold": round(threshold, 2), "restore_level": round(level, 2), "s_before": s_t,
            "blocks": []}
+    ceiling = None
+    if benign is not None:
+        if benign.s0 is None:
+            raise SafeAnchorError("the over-refusal monitor has no baseline b_0; call set_baseline on the aligned "
+                                  "model first")
+        ceiling = benign.s0 + settings.overrefusal_tolerance
+        rec.update(b0=benign.s0, overrefusal_ceiling=round(ceiling, 2))
+    b_t = benign.rate(model, tokenizer) if benign is not None else None
+    if benign is not None:
+        rec["b_before"] = b_t
+
+    def over(rate: float | None) -> bool:
+        return ceiling is not None and rate > ceiling
+
     best, stale = s_t, 0
 
     def plateaued(rate: float) -> bool:
@@ -202,17 +227,19 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
         return bool(settings.patience) and stale >= settings.patience
 
     blocks, plateau = 0, False
-    while (s_t < threshold if blocks == 0 else s_t < level) and blocks < settings.max_blocks and not plateau:
+    while ((s_t < threshold if blocks == 0 else s_t < level) or over(b_t)) and blocks < settings.max_blocks \
+            and not plateau:
         blocks += 1
-        checks: list[tuple[int, float]] = []
+        checks: list[tuple] = []  # (step, s_t) or, with the benign monitor, (step, s_t, b_t)
 
         def restored(k: int) -> bool:
             nonlocal plateau
             if not settings.check_every or k % settings.check_every:
                 return False
-            checks.append((k, monitor.rate(model, tokenizer)))
-            plateau = plateaued(checks[-1][1]) and checks[-1][1] < level
-            return checks[-1][1] >= level or plateau
+            rate = monitor.rate(model, tokenizer)
+            checks.append((k, rate) if benign is None else (k, rate, benign.rate(model, tokenizer)))
+            plateau = plateaued(rate) and rate < level
+            return (rate >= level and not over(checks[-1][-1] if benign is not None else None)) or plateau
 
         hist = repair_block(model, tokenizer, task_examples, safety_examples, subspace, strengths, settings, train,
                             seed=seed, stream=20_000 + 10 * stage + blocks, stop=restored, dist=dist,
@@ -220,12 +247,19 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
         done = len(hist)
         if checks and checks[-1][0] == done:
             s_t = checks[-1][1]
+            b_t = checks[-1][2] if benign is not None else None
         else:
             s_t = monitor.rate(model, tokenizer)
+            b_t = benign.rate(model, tokenizer) if benign is not None else None
             plateau = plateaued(s_t) and s_t < level
-        rec["blocks"].append({"steps": done, "s_after": s_t, "checks": checks,
-                              "safe_loss": sum(h.get("safe_loss", 0.0) for h in hist) / max(1, done)})
+        block = {"steps": done, "s_after": s_t, "checks": checks,
+                 "safe_loss": sum(h.get("safe_loss", 0.0) for h in hist) / max(1, done)}
+        if benign is not None:
+            block["b_after"] = b_t
+        rec["blocks"].append(block)
     rec["triggered"] = blocks > 0
     rec["plateau"] = plateau
     rec["s_after"] = s_t
+    if benign is not None:
+        rec["b_after"] = b_t
     return rec

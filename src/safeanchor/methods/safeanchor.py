@@ -96,6 +96,13 @@ class SafeAnchorConfig(MethodConfig):
                                 "split) answered by the aligned base itself (adapter off, greedy), mixed into "
                                 "the repair's safety data so repair restores the aligned behaviour on both "
                                 "sides of the refusal boundary (0 = refusals only, paper)", check=">=0")
+    overrefusal_monitor: int = _h(0, "benign look-alike prompts (training split, after the repair's look-alikes, so "
+                                  "never replayed, never evaluated) on which CSM also measures over-refusal b_t; a "
+                                  "repair then also starts when b_t > b_0 + overrefusal_tolerance, and runs until both "
+                                  "monitors are restored. 0 = off, the paper: its monitor sees harmful prompts only, so "
+                                  "a domain that teaches refusing benign questions is never repaired", check=">=0")
+    overrefusal_tolerance: float = _h(5.0, "points of over-refusal above the aligned model's b_0 that CSM tolerates "
+                                      "(with overrefusal_monitor > 0)", check=">=0")
     basis: Literal["fisher", "random"] = _h(
         "fisher", "the basis the updates are projected against: 'fisher' (SSI's eigenvectors, the paper) or "
         "'random' (ablation: does the Fisher information matter? per module a random orthonormal basis of the same "
@@ -126,6 +133,7 @@ class SafeAnchor(Method):
         self.subspace: SafetySubspace | None = None
         self.alpha: dict[str, float] = {}
         self.s0: float | None = None
+        self.b0: float | None = None  # CSM's over-refusal monitor: the aligned model's refusal of its prompts
         self.step_count = 0
         self.lookalikes: list[dict] = []  # CSM repair: benign look-alikes with the aligned base's answers
         self.projector: SafetyProjector | None = None
@@ -202,6 +210,11 @@ class SafeAnchor(Method):
     # -- hooks ----------------------------------------------------------------------------------------
     def prepare(self, ctx) -> dict:
         o = self.options
+        if o.csm and o.overrefusal_monitor > 0 and getattr(ctx.evaluator, "measures", "refusal") != "refusal":
+            raise SafeAnchorError("method_options.safeanchor.overrefusal_monitor measures over-refusal with the "
+                                  "monitor's judge, which here measures safe responses (a harm judge); set "
+                                  "eval.monitor_judge to a refusal judge (keyword, wildguard-refusal) or "
+                                  "overrefusal_monitor: 0")
         self._set_subspace(SafetySubspace.compute(ctx.model, ctx.calibration, ctx.tokenizer, rho=o.rho,
                                                   max_rank=o.max_rank or None, **self._ssi_kwargs(ctx)), ctx)
         rec = {"subspace": self.spectrum()}
@@ -212,6 +225,11 @@ class SafeAnchor(Method):
             else:
                 self.s0 = self._monitor(ctx).set_baseline(ctx.model, ctx.tokenizer)
             rec["s0"] = self.s0
+            if o.overrefusal_monitor > 0:
+                prompts = self._benign_prompts(ctx)
+                self.b0 = base_rate(ctx, prompts) if base_rate is not None else \
+                    self._benign_monitor(ctx).set_baseline(ctx.model, ctx.tokenizer)
+                rec["b0"] = self.b0
             if o.repair_lookalikes > 0:
                 self.lookalikes = aligned_answers(ctx.model, ctx.tokenizer,
                                                   builtin_lookalikes(o.repair_lookalikes, ctx.cfg.seed), 48,
@@ -227,6 +245,23 @@ class SafeAnchor(Method):
         rate.measures = getattr(ctx.evaluator, "measures", "refusal")  # the pipeline's eval.monitor_judge
         monitor = SafetyMonitor(ctx.monitor_prompts, tau=self.options.tau, rate_fn=rate)
         monitor.s0 = self.s0
+        return monitor
+
+    def _benign_prompts(self, ctx) -> list[str]:
+        return builtin_lookalikes(self.options.overrefusal_monitor, ctx.cfg.seed, skip=self.options.repair_lookalikes)
+
+    def _benign_monitor(self, ctx) -> SafetyMonitor | None:
+        """CSM's over-refusal monitor (``overrefusal_monitor`` > 0): b_t, the refusal rate on benign look-alikes."""
+        if not self.options.overrefusal_monitor:
+            return None
+        prompts = self._benign_prompts(ctx)
+
+        def rate(model, tok):
+            return ctx.evaluator(ctx, prompts)
+
+        rate.measures = "refusal"
+        monitor = SafetyMonitor(prompts, tau=0.0, rate_fn=rate)
+        monitor.s0 = self.b0
         return monitor
 
     def attach_optimizer(self, ctx, optimizer) -> None:
@@ -252,7 +287,8 @@ class SafeAnchor(Method):
             rec["csm"] = monitor_and_repair(self._monitor(ctx), ctx.model, ctx.tokenizer,
                                             ctx.domain_examples[ctx.current_domain], self._repair_data(ctx),
                                             self._projected, self._strengths(), settings,
-                                            ctx.cfg.train, seed=ctx.cfg.seed, stage=t, dist=ctx.dist)
+                                            ctx.cfg.train, seed=ctx.cfg.seed, stage=t, dist=ctx.dist,
+                                            benign=self._benign_monitor(ctx))
         if o.incremental and o.project != "none":
             self._refresh(ctx)
         rec["subspace"] = self.spectrum()
@@ -266,7 +302,7 @@ class SafeAnchor(Method):
     # -- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         ema = self.projector.state_dict()["ema"] if self.projector is not None else self._ema
-        state = {"s0": self.s0, "step_count": self.step_count, "lookalikes": self.lookalikes, "anchor_m": ema,
+        state = {"s0": self.s0, "b0": self.b0, "step_count": self.step_count, "lookalikes": self.lookalikes, "anchor_m": ema,
                  "bases_version": self._bases_version, "previous": self._previous}
         if self._bases_file is not None:
             state["bases_file"] = self._bases_file  # under <run>/state/, written when the subspace changed
@@ -289,6 +325,7 @@ class SafeAnchor(Method):
         self._bases_version = state.get("bases_version", self._bases_version)
         self._bases_file = state.get("bases_file")
         self.s0 = state.get("s0")
+        self.b0 = state.get("b0")
         self.step_count = state.get("step_count", 0)
         self.lookalikes = state.get("lookalikes", [])
         self._previous = dict(state.get("previous", {}))
