@@ -201,16 +201,14 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
     s_t = monitor.rate(model, tokenizer)
     rec = {"s0": monitor.s0, "threshold": round(threshold, 2), "restore_level": round(level, 2), "s_before": s_t,
            "blocks": []}
-    ceiling = None
+    ceiling = b_t = None
     if benign is not None:
         if benign.s0 is None:
             raise SafeAnchorError("the over-refusal monitor has no baseline b_0; call set_baseline on the aligned "
                                   "model first")
         ceiling = benign.s0 + settings.overrefusal_tolerance
-        rec.update(b0=benign.s0, overrefusal_ceiling=round(ceiling, 2))
-    b_t = benign.rate(model, tokenizer) if benign is not None else None
-    if benign is not None:
-        rec["b_before"] = b_t
+        b_t = benign.rate(model, tokenizer)
+        rec.update(b0=benign.s0, overrefusal_ceiling=round(ceiling, 2), b_before=b_t)
 
     def over(rate: float | None) -> bool:
         return ceiling is not None and rate > ceiling
@@ -239,7 +237,7 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
             rate = monitor.rate(model, tokenizer)
             checks.append((k, rate) if benign is None else (k, rate, benign.rate(model, tokenizer)))
             plateau = plateaued(rate) and rate < level
-            return (rate >= level and not over(checks[-1][-1] if benign is not None else None)) or plateau
+            return (rate >= level and not over(checks[-1][2] if benign is not None else None)) or plateau
 
         hist = repair_block(model, tokenizer, task_examples, safety_examples, subspace, strengths, settings, train,
                             seed=seed, stream=20_000 + 10 * stage + blocks, stop=restored, dist=dist,
