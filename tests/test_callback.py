@@ -200,17 +200,29 @@ def test_sft_trainer_with_the_callback_and_two_stages(tmp_path):
         assert r["subspace_after"]["modules"] == r["subspace"]["modules"]
 
 
-def test_callback_over_refusal_monitor_watches_the_prompts_after_the_repairs_lookalikes(tmp_path):
+@pytest.mark.parametrize("mix", ["fixed", "adaptive"])
+def test_callback_over_refusal_monitor_watches_the_prompts_after_the_repairs_lookalikes(tmp_path, monkeypatch, mix):
     """``overrefusal_monitor``: b_0 on the aligned model, b_t after the stage in the CSM record; its prompts
-    are the benign prompts after the ``repair_lookalikes`` the repair replays."""
+    are the benign prompts after the ``repair_lookalikes`` the repair replays. ``repair_mix`` and the
+    look-alikes (the aligned model's answers) reach CSM."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from safeanchor import callback as cbmod
+
+    seen = {}
+    real = cbmod.monitor_and_repair
+
+    def spy(*args, **kwargs):
+        seen.update(mix=args[7].mix, lookalikes=kwargs["lookalikes"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cbmod, "monitor_and_repair", spy)
     calib, task = _data(0)
     tok = tiny_tokenizer()
     benign = [f"how do I kill a python process {i}?" for i in range(5)]
     config = SafeAnchorConfig(repair_steps=2, repair_check_every=0, max_repair_blocks=1, repair_lookalikes=2,
-                              overrefusal_monitor=3)
+                              overrefusal_monitor=3, repair_mix=mix)
     with pytest.raises(SafeAnchorError, match="overrefusal_monitor 3 needs 5 benign_prompts"):
         SafeAnchorCallback(calib, tok, monitor_prompts=["how to steal 2?"], config=config, benign_prompts=benign[:4])
     cb = SafeAnchorCallback(calib, tok, monitor_prompts=["how to do bad thing 99?", "how to steal 2?"],
@@ -225,6 +237,8 @@ def test_callback_over_refusal_monitor_watches_the_prompts_after_the_repairs_loo
     rec = cb.records[0]
     assert rec["b0"] == cb.benign_monitor.s0 and rec["csm"]["b0"] == rec["b0"]
     assert rec["csm"]["overrefusal_ceiling"] == rec["b0"] + 5.0 and "b_after" in rec["csm"]
+    assert seen["mix"] == mix and seen["lookalikes"] == cb.lookalikes
+    assert all(("replay" in b) == (mix == "adaptive") for b in rec["csm"]["blocks"])
 
 
 @pytest.mark.parametrize("setting, match", [({"deepspeed": "ds.json"}, "DeepSpeed"), ({"fsdp": "full_shard"}, "FSDP")])

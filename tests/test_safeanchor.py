@@ -252,6 +252,71 @@ def test_csm_over_refusal_monitor_off_never_measures_benign_prompts(tmp_path):
     assert queues["benign"] == [10.0, 90.0]  # the paper's CSM: harmful prompts only
 
 
+def test_adaptive_repair_mix_replays_lookalikes_alone_while_only_over_refusal_is_off(tmp_path, monkeypatch):
+    """Checks every 2 steps; the harmful monitor reads s, the benign one b (s_0 100, b_0 10: threshold 95,
+    ceiling 15). s 90 / b 20: both off, the whole mix; s 97 / b 20 at step 2: only over-refusal is off, the
+    look-alikes alone; s 93 / b 12 at step 4: the harmful side is off, the whole mix again; s 96 / b 12 at
+    step 6: restored."""
+    from safeanchor import monitor as mon
+
+    sides = []
+    real_next = mon._ReplayStream.next
+
+    def spy(self, device):
+        sides.append("lookalikes" if self.lookalikes_only() else "mixed")
+        return real_next(self, device)
+
+    monkeypatch.setattr(mon._ReplayStream, "next", spy)
+    options = {"repair_steps": 8, "repair_check_every": 2, "max_repair_blocks": 1, "repair_lookalikes": 6,
+               "repair_mix": "adaptive"}
+    rates, benign_rates = [100.0, 90.0, 97.0, 93.0, 96.0], [10.0, 20.0, 20.0, 12.0, 12.0]
+    prep, rec, queues = _csm_two_sided(tmp_path, rates, benign_rates, **options)
+    assert prep["repair_lookalikes"] > 0 and not queues["harmful"] and not queues["benign"]
+    assert [b["steps"] for b in rec["blocks"]] == [6], rec
+    assert sides == ["mixed"] * 2 + ["lookalikes"] * 2 + ["mixed"] * 2
+    assert rec["blocks"][0]["replay"] == {"lookalikes": 2, "mixed": 4}
+    # the same measurements under the fixed mix: the same stops, one pool, no replay record
+    sides.clear()
+    _, fixed, _ = _csm_two_sided(tmp_path / "fixed", rates, benign_rates, **{**options, "repair_mix": "fixed"})
+    assert [b["steps"] for b in fixed["blocks"]] == [6] and "replay" not in fixed["blocks"][0] and not sides
+
+
+def test_adaptive_replay_stream_draws_each_side_from_its_own_examples():
+    from safeanchor.anchor import SafetyBatches
+    from safeanchor.monitor import _ReplayStream
+
+    seed = random.randrange(1000)
+    tok = tiny_tokenizer()
+    refusals = [{"prompt": f"harm {i}", "response": "I can't help with that."} for i in range(5)]
+    looks = [{"prompt": f"kill a python process {i}", "response": f"Use kill -9 {i}."} for i in range(7)]
+    mixed = SafetyBatches(refusals + looks, tok, 3, seed)
+    alone = SafetyBatches(looks, tok, 3, seed, 30_001)
+    rows = {name: {tuple(e["input_ids"]) for e in b.stream.encoded} for name, b in (("mixed", mixed), ("alone", alone))}
+    flag = {"on": False}
+    stream = _ReplayStream(mixed, alone, lambda: flag["on"])
+    plan = [random.Random(seed).random() < 0.5 for _ in range(12)]
+    for on in plan:
+        flag["on"] = on
+        batch = stream.next("cpu")
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            row = tuple(ids[mask.bool()].tolist())
+            assert row in rows["alone" if on else "mixed"], f"seed {seed}"
+    assert stream.counts == {"lookalikes": sum(plan), "mixed": len(plan) - sum(plan)}, f"seed {seed}"
+    assert alone.position == sum(plan) and mixed.position == len(plan) - sum(plan)
+
+
+def test_adaptive_repair_mix_needs_the_over_refusal_monitor_and_lookalikes():
+    from safeanchor.methods.safeanchor import SafeAnchorConfig
+
+    for opts in ({"repair_mix": "adaptive"}, {"repair_mix": "adaptive", "overrefusal_monitor": 20,
+                                              "repair_lookalikes": 0}):
+        with pytest.raises(SafeAnchorError, match="repair_mix: adaptive .* needs overrefusal_monitor > 0"):
+            load_config("smoke", overrides={"method_options": {"safeanchor": opts}})
+        with pytest.raises(SafeAnchorError, match="set both, or repair_mix: fixed"):
+            SafeAnchorConfig(**opts)  # the callback's config: the same check
+    assert SafeAnchorConfig(repair_mix="adaptive", csm=False).repair_mix == "adaptive"  # CSM off: nothing to steer
+
+
 def test_over_refusal_monitor_prompts_are_neither_replayed_nor_evaluated():
     from safeanchor.data.safety import benign_borderline
     from safeanchor.monitor import builtin_lookalikes

@@ -193,7 +193,7 @@ class SafeAnchorCallback(TrainerCallback):
             record["csm"] = monitor_and_repair(self.monitor, model, self.tokenizer, self._task or safety,
                                                safety, self.projector.subspace, strengths, settings,
                                                self._train_config(args), seed=self.seed, stage=record["stage"],
-                                               benign=self.benign_monitor)
+                                               benign=self.benign_monitor, lookalikes=self.lookalikes)
             self._broadcast(model)
         if o.incremental and o.project != "none":
             self.subspace = self.subspace.refresh(model, self.calibration, self.tokenizer, merge=o.merge,

@@ -132,6 +132,7 @@ class RepairSettings:
     restore: float = 0.0       # repair until s_t >= max(restore, 1 - tau) s_0 (0 = the trigger threshold, paper)
     patience: int = 0          # end the repair after N measurements in a row without a new best s_t (0 = never)
     overrefusal_tolerance: float = 5.0  # with a benign monitor: repair while b_t > b_0 + this many points
+    mix: str = "fixed"         # "adaptive": replay look-alikes alone while only over-refusal is off (benign monitor)
 
     @classmethod
     def of(cls, options, lr: float, batch_size: int) -> "RepairSettings":
@@ -139,15 +140,38 @@ class RepairSettings:
         return cls(steps=options.repair_steps, lr=options.repair_lr or lr, beta=options.beta,
                    max_blocks=options.max_repair_blocks, check_every=options.repair_check_every,
                    batch_size=batch_size, mode=options.project, restore=options.repair_restore,
-                   patience=options.repair_patience, overrefusal_tolerance=options.overrefusal_tolerance)
+                   patience=options.repair_patience, overrefusal_tolerance=options.overrefusal_tolerance,
+                   mix=options.repair_mix)
+
+
+class _ReplayStream:
+    """The repair's safety batches under ``mix: adaptive``: the whole safety data (refusals + look-alikes)
+    while the harmful monitor is below its restore level, the look-alikes alone while ``lookalikes_only()``
+    says only over-refusal is left to repair. ``counts`` records how many batches each side gave."""
+
+    def __init__(self, mixed: SafetyBatches, lookalikes: SafetyBatches, lookalikes_only: Callable[[], bool]):
+        self.mixed, self.lookalikes, self.lookalikes_only = mixed, lookalikes, lookalikes_only
+        self.counts = {"mixed": 0, "lookalikes": 0}
+        self.position = 0  # batches drawn (a repair block is never resumed mid-block)
+
+    def next(self, device) -> dict:
+        side = "lookalikes" if self.lookalikes_only() else "mixed"
+        self.counts[side] += 1
+        self.position += 1
+        return (self.lookalikes if side == "lookalikes" else self.mixed).next(device)
 
 
 def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: list[dict], subspace: SafetySubspace,
                  strengths: dict[str, float], settings: RepairSettings, train, *, seed: int = 0, stream: int = 20_001,
-                 stop: Callable[[int], bool] | None = None, dist=None, desc: str = "CSM repair") -> list[dict]:
+                 stop: Callable[[int], bool] | None = None, dist=None, desc: str = "CSM repair",
+                 lookalikes: list[dict] | None = None, lookalikes_only: Callable[[], bool] | None = None,
+                 counts: dict | None = None) -> list[dict]:
     """``settings.steps`` steps of replay through ``train.train_steps`` (``train``: a ``config.TrainConfig``
     giving batch size, accumulation, AdamW and clipping); returns the per-step logs. ``stop(k)`` is asked
-    after step k and ends the block when it returns True."""
+    after step k and ends the block when it returns True. With ``lookalikes`` (benign prompts and the aligned
+    model's answers) and ``lookalikes_only``, each safety batch comes from the look-alikes alone while
+    ``lookalikes_only()`` is True, else from ``safety_examples``; ``counts`` (a dict) receives the number of
+    batches of each kind."""
     from .distributed import Dist
     from .methods.base import Method, MethodConfig
     from .train import Context, train_steps
@@ -155,6 +179,9 @@ def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: l
     dist = dist or Dist()
     safe = SafetyBatches(safety_examples, tokenizer, settings.batch_size, seed, 30_000, train.max_length,
                          "repair safety examples")
+    if lookalikes is not None and lookalikes_only is not None:
+        safe = _ReplayStream(safe, SafetyBatches(lookalikes, tokenizer, settings.batch_size, seed, 30_001,
+                                                 train.max_length, "repair look-alikes"), lookalikes_only)
     term = SafetyTerm("nll", safe, settings.beta, name="safe_loss", dist=dist,
                       autocast=lambda: ctx.autocast())  # ctx is built below, before any step runs
 
@@ -176,12 +203,14 @@ def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: l
         if hasattr(ctx.method, "projector"):
             ctx.method.projector.detach()
         model.train(was)
+        if counts is not None and isinstance(safe, _ReplayStream):
+            counts.update(safe.counts)
 
 
 def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: list[dict],
                        safety_examples: list[dict], subspace: SafetySubspace, strengths: dict[str, float],
                        settings: RepairSettings, train, *, seed: int = 0, stage: int = 1, dist=None,
-                       benign: SafetyMonitor | None = None) -> dict:
+                       benign: SafetyMonitor | None = None, lookalikes: list[dict] | None = None) -> dict:
     """CSM after stage ``stage``: measure s_t; if s_t < (1 - tau) s_0, repair and re-measure while s_t is below
     the restore level (``settings.restore`` s_0, at least the threshold) and fewer than ``max_blocks`` blocks
     ran. A restore level above the threshold is a hysteresis: a 60-prompt monitor has a binomial sd of about
@@ -193,9 +222,21 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
     rate on them; ``rate`` is b_t, the over-refusal): then a repair also starts when b_t > b_0 +
     ``settings.overrefusal_tolerance``, and it goes on until both monitors are restored. The paper's monitor
     sees harmful prompts only, so a domain that teaches refusing benign questions is never repaired.
+    ``settings.mix`` "adaptive" (needs ``benign`` and ``lookalikes``, the look-alike part of the safety data):
+    while the last measurement had s_t at its restore level and only b_t over its ceiling, the replay's safety
+    batches come from the look-alikes alone (the aligned model's answers to benign prompts), since replaying
+    refusals then raises both monitors together; otherwise from all of ``safety_examples``.
     Returns the record (s0, threshold, restore_level, s_before, blocks, triggered, s_after, and
     ``plateau``: whether patience ended it; with ``benign`` also b0, overrefusal_ceiling, b_before, b_after
-    and each check's b_t)."""
+    and each check's b_t; under ``mix`` "adaptive" each block's ``replay``: batches from the whole safety
+    data and from the look-alikes alone)."""
+    adaptive = settings.mix == "adaptive"
+    if settings.mix not in ("fixed", "adaptive"):
+        raise SafeAnchorError(f"repair mix {settings.mix!r}: use 'fixed' or 'adaptive'")
+    if adaptive and (benign is None or not lookalikes):
+        raise SafeAnchorError("repair_mix: adaptive switches the replay to the benign look-alikes while only "
+                              "over-refusal is off, so it needs the over-refusal monitor (overrefusal_monitor > 0) "
+                              "and look-alikes to replay (repair_lookalikes > 0); set both, or repair_mix: fixed")
     threshold = monitor.threshold
     level = max(threshold, settings.restore * monitor.s0)
     s_t = monitor.rate(model, tokenizer)
@@ -225,6 +266,12 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
         return bool(settings.patience) and stale >= settings.patience
 
     blocks, plateau = 0, False
+    mode = {"lookalikes_only": False}  # adaptive: what the last measurement asks the replay to repair
+
+    def steer(rate: float, b_rate: float | None) -> None:
+        mode["lookalikes_only"] = adaptive and rate >= level and over(b_rate)
+
+    steer(s_t, b_t)
     while ((s_t < threshold if blocks == 0 else s_t < level) or over(b_t)) and blocks < settings.max_blocks \
             and not plateau:
         blocks += 1
@@ -237,11 +284,14 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
             rate = monitor.rate(model, tokenizer)
             checks.append((k, rate) if benign is None else (k, rate, benign.rate(model, tokenizer)))
             plateau = plateaued(rate) and rate < level
+            steer(rate, checks[-1][2] if benign is not None else None)
             return (rate >= level and not over(checks[-1][2] if benign is not None else None)) or plateau
 
+        counts: dict = {}
         hist = repair_block(model, tokenizer, task_examples, safety_examples, subspace, strengths, settings, train,
                             seed=seed, stream=20_000 + 10 * stage + blocks, stop=restored, dist=dist,
-                            desc=f"CSM repair {blocks}")
+                            desc=f"CSM repair {blocks}", lookalikes=lookalikes if adaptive else None,
+                            lookalikes_only=(lambda: mode["lookalikes_only"]) if adaptive else None, counts=counts)
         done = len(hist)
         if checks and checks[-1][0] == done:
             s_t = checks[-1][1]
@@ -250,8 +300,11 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
             s_t = monitor.rate(model, tokenizer)
             b_t = benign.rate(model, tokenizer) if benign is not None else None
             plateau = plateaued(s_t) and s_t < level
+        steer(s_t, b_t)
         block = {"steps": done, "s_after": s_t, "checks": checks,
                  "safe_loss": sum(h.get("safe_loss", 0.0) for h in hist) / max(1, done)}
+        if adaptive:
+            block["replay"] = counts
         if benign is not None:
             block["b_after"] = b_t
         rec["blocks"].append(block)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..anchor import SafetyBatches, snapshot_logits
+from ..errors import SafeAnchorError
 from ..monitor import RepairSettings, SafetyMonitor, aligned_answers, builtin_lookalikes, monitor_and_repair
 from ..projector import SafetyProjector, SafetyTerm
 from ..safety_subspace import SafetySubspace
@@ -103,6 +104,11 @@ class SafeAnchorConfig(MethodConfig):
                                   "a domain that teaches refusing benign questions is never repaired", check=">=0")
     overrefusal_tolerance: float = _h(5.0, "points of over-refusal above the aligned model's b_0 that CSM tolerates "
                                       "(with overrefusal_monitor > 0)", check=">=0")
+    repair_mix: Literal["fixed", "adaptive"] = _h(
+        "fixed", "the repair replay's safety batches: 'fixed' (refusals and look-alikes mixed in one pool, every "
+        "step) or 'adaptive' (with overrefusal_monitor > 0: after a check where s_t is restored and only b_t is "
+        "over its ceiling, replay the look-alikes alone until the next check; replaying refusals then raises "
+        "over-refusal together with s_t)")
     basis: Literal["fisher", "random"] = _h(
         "fisher", "the basis the updates are projected against: 'fisher' (SSI's eigenvectors, the paper) or "
         "'random' (ablation: does the Fisher information matter? per module a random orthonormal basis of the same "
@@ -119,6 +125,13 @@ class SafeAnchorConfig(MethodConfig):
                                "that fit, one pass over the calibration set per group (Llama-2-7B, r 16, N_s 500: "
                                "31 GiB for all modules at once; 21 passes and a ~3.7 GiB peak at 1.5)", check=">0")
     max_rank: int = _h(0, "cap on basis size per module (0 = no cap)", check=">=0")
+
+    def __post_init__(self) -> None:
+        if self.csm and self.repair_mix == "adaptive" and (self.overrefusal_monitor <= 0 or self.repair_lookalikes <= 0):
+            raise SafeAnchorError(
+                f"method_options.safeanchor.repair_mix: adaptive replays the look-alikes alone while only the "
+                f"over-refusal monitor is off, so it needs overrefusal_monitor > 0 (got {self.overrefusal_monitor}) "
+                f"and repair_lookalikes > 0 (got {self.repair_lookalikes}); set both, or repair_mix: fixed")
 
 
 @register
@@ -288,7 +301,7 @@ class SafeAnchor(Method):
                                             ctx.domain_examples[ctx.current_domain], self._repair_data(ctx),
                                             self._projected, self._strengths(), settings,
                                             ctx.cfg.train, seed=ctx.cfg.seed, stage=t, dist=ctx.dist,
-                                            benign=self._benign_monitor(ctx))
+                                            benign=self._benign_monitor(ctx), lookalikes=self.lookalikes)
         if o.incremental and o.project != "none":
             self._refresh(ctx)
         rec["subspace"] = self.spectrum()
