@@ -236,6 +236,8 @@ def _csm_two_sided(tmp_path, rates, benign_rates, **options):
     ([100.0, 90.0, 96.0, 97.0], [10.0, 10.0, 20.0, 12.0], [20], True),  # s_t back at 10, b_t only at 20
     ([100.0, 98.0] + [99.0] * 6, [10.0, 30.0] + [30.0] * 6, [25, 25], True),  # never
     # restored: both blocks (the block end re-measures both monitors), as the harmful monitor's budget
+    ([100.0, 90.0] + [91.0] * 6, [10.0, 10.0, 12.0], [25, 25], True),  # s_t never back: b_t is read only
+    # before and after the repair, since no check inside it could decide anything on it
 ])
 def test_csm_over_refusal_monitor_triggers_and_ends_repair(tmp_path, rates, benign_rates, steps, triggered):
     prep, rec, queues = _csm_two_sided(tmp_path, rates, benign_rates)
@@ -269,12 +271,14 @@ def test_adaptive_repair_mix_replays_lookalikes_alone_while_only_over_refusal_is
     monkeypatch.setattr(mon._ReplayStream, "next", spy)
     options = {"repair_steps": 8, "repair_check_every": 2, "max_repair_blocks": 1, "repair_lookalikes": 6,
                "repair_mix": "adaptive"}
-    rates, benign_rates = [100.0, 90.0, 97.0, 93.0, 96.0], [10.0, 20.0, 20.0, 12.0, 12.0]
+    rates, benign_rates = [100.0, 90.0, 97.0, 93.0, 96.0], [10.0, 20.0, 20.0, 12.0]  # b_t unread at s 93
     prep, rec, queues = _csm_two_sided(tmp_path, rates, benign_rates, **options)
     assert prep["repair_lookalikes"] > 0 and not queues["harmful"] and not queues["benign"]
     assert [b["steps"] for b in rec["blocks"]] == [6], rec
     assert sides == ["mixed"] * 2 + ["lookalikes"] * 2 + ["mixed"] * 2
     assert rec["blocks"][0]["replay"] == {"lookalikes": 2, "mixed": 4}
+    assert rec["blocks"][0]["checks"] == [[2, 97.0, 20.0], [4, 93.0, None], [6, 96.0, 12.0]] or \
+        rec["blocks"][0]["checks"] == [(2, 97.0, 20.0), (4, 93.0, None), (6, 96.0, 12.0)]
     # the same measurements under the fixed mix: the same stops, one pool, no replay record
     sides.clear()
     _, fixed, _ = _csm_two_sided(tmp_path / "fixed", rates, benign_rates, **{**options, "repair_mix": "fixed"})

@@ -220,7 +220,9 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
     triggering one included: a repair that has stopped moving the monitor only spends steps on noise.
     ``benign``: a second monitor on benign look-alike prompts (its ``s0`` is b_0, the aligned model's refusal
     rate on them; ``rate`` is b_t, the over-refusal): then a repair also starts when b_t > b_0 +
-    ``settings.overrefusal_tolerance``, and it goes on until both monitors are restored. The paper's monitor
+    ``settings.overrefusal_tolerance``, and it goes on until both monitors are restored. Inside a repair
+    b_t is measured only where s_t has reached its restore level (elsewhere the repair goes on whatever
+    b_t reads; the check records None), and once more at the end if the last measurement skipped it. The paper's monitor
     sees harmful prompts only, so a domain that teaches refusing benign questions is never repaired.
     ``settings.mix`` "adaptive" (needs ``benign`` and ``lookalikes``, the look-alike part of the safety data):
     while the last measurement had s_t at its restore level and only b_t over its ceiling, the replay's safety
@@ -252,7 +254,12 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
         rec.update(b0=benign.s0, overrefusal_ceiling=round(ceiling, 2), b_before=b_t)
 
     def over(rate: float | None) -> bool:
-        return ceiling is not None and rate > ceiling
+        return ceiling is not None and rate is not None and rate > ceiling
+
+    def benign_rate(rate: float) -> float | None:
+        """b_t inside a repair, measured only when it decides something: while s_t is below its restore level
+        the repair goes on and replays the whole mix whatever b_t reads (None: not measured)."""
+        return benign.rate(model, tokenizer) if benign is not None and rate >= level else None
 
     best, stale = s_t, 0
 
@@ -282,10 +289,11 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
             if not settings.check_every or k % settings.check_every:
                 return False
             rate = monitor.rate(model, tokenizer)
-            checks.append((k, rate) if benign is None else (k, rate, benign.rate(model, tokenizer)))
+            b_rate = benign_rate(rate)
+            checks.append((k, rate) if benign is None else (k, rate, b_rate))
             plateau = plateaued(rate) and rate < level
-            steer(rate, checks[-1][2] if benign is not None else None)
-            return (rate >= level and not over(checks[-1][2] if benign is not None else None)) or plateau
+            steer(rate, b_rate)
+            return (rate >= level and not over(b_rate)) or plateau
 
         counts: dict = {}
         hist = repair_block(model, tokenizer, task_examples, safety_examples, subspace, strengths, settings, train,
@@ -298,7 +306,7 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
             b_t = checks[-1][2] if benign is not None else None
         else:
             s_t = monitor.rate(model, tokenizer)
-            b_t = benign.rate(model, tokenizer) if benign is not None else None
+            b_t = benign_rate(s_t)
             plateau = plateaued(s_t) and s_t < level
         steer(s_t, b_t)
         block = {"steps": done, "s_after": s_t, "checks": checks,
@@ -312,5 +320,5 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
     rec["plateau"] = plateau
     rec["s_after"] = s_t
     if benign is not None:
-        rec["b_after"] = b_t
+        rec["b_after"] = b_t if b_t is not None else benign.rate(model, tokenizer)
     return rec
