@@ -342,6 +342,17 @@ def test_over_refusal_monitor_needs_a_refusal_judge_before_any_work():
     load_config("smoke", overrides={"eval": {"monitor_judge": "llamaguard3"}})  # off: the paper's harm-judge monitor
 
 
+def test_over_refusal_monitor_with_a_harm_judge_evaluator_is_refused_at_prepare(tmp_path):
+    """API users who build their own context skip the config check; prepare has the same one, before SSI."""
+    def evaluator(ctx, prompts):
+        raise AssertionError("no generation may run before the error")
+
+    evaluator.measures = "safe_response"
+    ctx, _ = _ctx(tmp_path, {"overrefusal_monitor": 20, "repair_lookalikes": 0}, evaluator=evaluator)
+    with pytest.raises(SafeAnchorError, match="set eval.monitor_judge to a refusal judge"):
+        ctx.method.prepare(ctx)
+
+
 def test_repair_patience_reaches_the_callback_settings():
     from safeanchor.methods.safeanchor import SafeAnchorConfig
     from safeanchor.monitor import RepairSettings
