@@ -285,6 +285,17 @@ def test_adaptive_repair_mix_replays_lookalikes_alone_while_only_over_refusal_is
     assert [b["steps"] for b in fixed["blocks"]] == [6] and "replay" not in fixed["blocks"][0] and not sides
 
 
+def test_adaptive_repair_mix_with_no_lookalike_answered_is_refused_before_training(tmp_path, monkeypatch):
+    """The aligned model may refuse every look-alike: then the adaptive mix has nothing to replay, and prepare
+    (before any domain trains) says so, rather than CSM after the first domain."""
+    import safeanchor.methods.safeanchor as sa
+
+    monkeypatch.setattr(sa, "aligned_answers", lambda *a, **k: [])
+    ctx, _ = _ctx(tmp_path, {"repair_lookalikes": 6, "overrefusal_monitor": 20, "repair_mix": "adaptive"})
+    with pytest.raises(SafeAnchorError, match="answered 0 of them without refusing"):
+        ctx.method.prepare(ctx)
+
+
 def test_adaptive_replay_stream_draws_each_side_from_its_own_examples():
     from safeanchor.anchor import SafetyBatches
     from safeanchor.monitor import _ReplayStream

@@ -32,7 +32,8 @@ from transformers import TrainerCallback
 from .anchor import SafetyBatches, snapshot_logits
 from .errors import SafeAnchorError
 from .methods.safeanchor import ANCHOR_STREAM, SafeAnchorConfig
-from .monitor import RepairSettings, SafetyMonitor, aligned_answers, builtin_lookalikes, monitor_and_repair
+from .monitor import (RepairSettings, SafetyMonitor, aligned_answers, builtin_lookalikes, check_repair_mix,
+                      monitor_and_repair)
 from .projector import SafetyProjector, SafetyTerm
 from .safety_subspace import SafetySubspace
 
@@ -143,6 +144,7 @@ class SafeAnchorCallback(TrainerCallback):
                                else builtin_lookalikes(o.repair_lookalikes, self.seed))
                     self.lookalikes = aligned_answers(model, self.tokenizer, prompts, mixed_precision=precision)
                     record["repair_lookalikes"] = len(self.lookalikes)
+                check_repair_mix(o.repair_mix, self.benign_monitor, self.lookalikes)
         alpha = self.subspace.alpha(o.lam, o.trace_norm, o.strict)
         record["subspace"] = self.subspace.spectrum(alpha)
         terms = []

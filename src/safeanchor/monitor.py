@@ -152,12 +152,15 @@ class _ReplayStream:
     def __init__(self, mixed: SafetyBatches, lookalikes: SafetyBatches, lookalikes_only: Callable[[], bool]):
         self.mixed, self.lookalikes, self.lookalikes_only = mixed, lookalikes, lookalikes_only
         self.counts = {"mixed": 0, "lookalikes": 0}
-        self.position = 0  # batches drawn (a repair block is never resumed mid-block)
+
+    @property
+    def position(self) -> int:
+        """Batches drawn (a repair block is never resumed mid-block, so there is no setter)."""
+        return sum(self.counts.values())
 
     def next(self, device) -> dict:
         side = "lookalikes" if self.lookalikes_only() else "mixed"
         self.counts[side] += 1
-        self.position += 1
         return (self.lookalikes if side == "lookalikes" else self.mixed).next(device)
 
 
@@ -207,6 +210,19 @@ def repair_block(model, tokenizer, task_examples: list[dict], safety_examples: l
             counts.update(safe.counts)
 
 
+def check_repair_mix(mix: str, benign: "SafetyMonitor | None", lookalikes: list[dict] | None) -> None:
+    """``mix`` "adaptive" needs the over-refusal monitor and look-alike answers to replay. Called by
+    ``monitor_and_repair`` and, as soon as the look-alikes are answered (before any training), by the
+    method's ``prepare`` and the callback: the aligned model may refuse every look-alike."""
+    if mix not in ("fixed", "adaptive"):
+        raise SafeAnchorError(f"repair mix {mix!r}: use 'fixed' or 'adaptive'")
+    if mix == "adaptive" and (benign is None or not lookalikes):
+        raise SafeAnchorError("repair_mix: adaptive switches the replay to the benign look-alikes while only "
+                              "over-refusal is off, so it needs the over-refusal monitor (overrefusal_monitor > 0) "
+                              f"and look-alikes to replay (repair_lookalikes > 0; the aligned model answered "
+                              f"{len(lookalikes or [])} of them without refusing); set both, or repair_mix: fixed")
+
+
 def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: list[dict],
                        safety_examples: list[dict], subspace: SafetySubspace, strengths: dict[str, float],
                        settings: RepairSettings, train, *, seed: int = 0, stage: int = 1, dist=None,
@@ -232,13 +248,8 @@ def monitor_and_repair(monitor: SafetyMonitor, model, tokenizer, task_examples: 
     ``plateau``: whether patience ended it; with ``benign`` also b0, overrefusal_ceiling, b_before, b_after
     and each check's b_t; under ``mix`` "adaptive" each block's ``replay``: batches from the whole safety
     data and from the look-alikes alone)."""
+    check_repair_mix(settings.mix, benign, lookalikes)
     adaptive = settings.mix == "adaptive"
-    if settings.mix not in ("fixed", "adaptive"):
-        raise SafeAnchorError(f"repair mix {settings.mix!r}: use 'fixed' or 'adaptive'")
-    if adaptive and (benign is None or not lookalikes):
-        raise SafeAnchorError("repair_mix: adaptive switches the replay to the benign look-alikes while only "
-                              "over-refusal is off, so it needs the over-refusal monitor (overrefusal_monitor > 0) "
-                              "and look-alikes to replay (repair_lookalikes > 0); set both, or repair_mix: fixed")
     threshold = monitor.threshold
     level = max(threshold, settings.restore * monitor.s0)
     s_t = monitor.rate(model, tokenizer)

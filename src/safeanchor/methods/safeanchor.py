@@ -39,7 +39,8 @@ from typing import Literal
 
 from ..anchor import SafetyBatches, snapshot_logits
 from ..errors import SafeAnchorError
-from ..monitor import RepairSettings, SafetyMonitor, aligned_answers, builtin_lookalikes, monitor_and_repair
+from ..monitor import (RepairSettings, SafetyMonitor, aligned_answers, builtin_lookalikes, check_repair_mix,
+                       monitor_and_repair)
 from ..projector import SafetyProjector, SafetyTerm
 from ..safety_subspace import SafetySubspace
 from .base import Method, MethodConfig, register
@@ -249,6 +250,7 @@ class SafeAnchor(Method):
                                                   ctx.cfg.eval.batch_size, cache=getattr(ctx, "generation_cache", None),
                                                   mixed_precision=ctx.cfg.eval.mixed_precision)
                 rec["repair_lookalikes"] = len(self.lookalikes)
+            check_repair_mix(o.repair_mix, self._benign_monitor(ctx), self.lookalikes)
         return rec
 
     def _monitor(self, ctx) -> SafetyMonitor:
