@@ -77,6 +77,9 @@ def test_orderings_run_resume_with_jobs_and_compare(tmp_path, capsys):
     names = ["standard-tiny-arith_tiny-upper-seed0", "standard-tiny-upper_tiny-arith-seed0"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == names
     stamp = {n: (out / n / "results.json").stat().st_mtime_ns for n in names}
+    # the second ordering started from the first's base evaluation and prepare (they share no domain)
+    second = json.loads((out / names[1] / "results.json").read_text())
+    assert second["reused_prefix"] == {"from": str((out / names[0]).resolve()), "domains": 0}
     capsys.readouterr()
     # the same grid with a second seed, two at a time: the two finished runs are skipped, two new ones run
     assert main([*base, "--seed", "0,1", "--jobs", "2"]) == 0

@@ -158,8 +158,9 @@ def cmd_run(args) -> int:
                 cfg = _config(args, extra)  # every config is checked before any work starts
                 single = len(methods) * len(seeds) * len(orders or [None]) == 1
                 plan.append((cfg, _run_dir(out, cfg, single, by_ordering)))
+    _donors(args, plan, out, by_ordering)  # a --reuse-prefix that names nothing is an error before any work
     if getattr(args, "dry_run", False):
-        print(dry_run(plan, out, args))
+        print(dry_run(plan, out, args, by_ordering))
         return 0
     from .distributed import close, init, launched_world_size
 
@@ -170,7 +171,7 @@ def cmd_run(args) -> int:
     dist = init()
     key = _run_key  # (method, ordering, seed)
     if args.jobs > 1 and len(plan) > 1:
-        runs = _run_parallel(args, plan, args.jobs)
+        runs = _run_parallel(args, plan, args.jobs, by_ordering)
     else:
         runs = {}
         for cfg, run_dir in plan:
@@ -183,7 +184,7 @@ def cmd_run(args) -> int:
                 continue
             if dist.is_main:
                 print(f"== {cfg.method}{order} seed {cfg.seed} -> {run_dir}", flush=True)
-            runs[key(cfg)] = run(cfg, run_dir)
+            runs[key(cfg)] = run(cfg, run_dir, donors=_donors(args, plan, run_dir, by_ordering))
             if dist.is_main and len(plan) > 1:  # each run's table as soon as it is done, the comparison last
                 print((run_dir / "results.md").read_text(), flush=True)
     if dist.is_main:  # rank 0 writes the comparison and prints
@@ -194,6 +195,24 @@ def cmd_run(args) -> int:
             print((plan[0][1] / "results.md").read_text())
     close()
     return 0
+
+
+def _donors(args, plan, run_dir: Path, by_ordering: bool) -> list[Path]:
+    """Run directories a fresh run may start from (``pipeline.reuse_prefix``, which checks that each is the
+    same config and seed in another ordering): ``--reuse-prefix`` (run directories, or folders of them) and,
+    under ``--orderings``, the plan's other runs."""
+    found: list[Path] = []
+    for item in (x.strip() for x in (getattr(args, "reuse_prefix", None) or "").split(",")):
+        if not item:
+            continue
+        path = Path(item)
+        if not path.is_dir():
+            raise SafeAnchorError(f"--reuse-prefix {item}: no such directory; give run directories (or folders of "
+                                  f"them) of finished or unfinished runs, comma-separated")
+        found += [path] if (path / "config.json").is_file() else sorted(p.parent for p in path.glob("*/config.json"))
+    if by_ordering:
+        found += [d for _, d in plan]
+    return [d for d in dict.fromkeys(found) if Path(d).resolve() != Path(run_dir).resolve()]
 
 
 def _run_key(cfg) -> tuple:
@@ -353,7 +372,15 @@ def _judge_plan(name: str) -> str:
     return f"{name}: {what} (measures {d['measures']}){load}"
 
 
-def dry_run(plan: list, out: Path, args) -> str:
+def _reuse_note(cfg, donors) -> str:
+    """" (starts from <donor>'s first p domain(s))" for a fresh run that a donor's finished prefix serves now."""
+    from .pipeline import _shared_stages
+
+    best = max(((_shared_stages(cfg, Path(d)), d) for d in donors), default=(-1, None), key=lambda x: x[0])
+    return f" (starts from {best[1]}: its first {best[0]} domain(s) and prepare)" if best[0] >= 0 else ""
+
+
+def dry_run(plan: list, out: Path, args, by_ordering: bool = False) -> str:
     """The resolved plan of ``safeanchor run`` (every offline check done, nothing loaded, nothing downloaded)."""
     from .data.domains import get_domain
     from .data.safety import benign_borderline, harm_probe
@@ -434,7 +461,7 @@ def dry_run(plan: list, out: Path, args) -> str:
     for c, run_dir in plan:
         opts = c.method_options.get(c.method) or {}
         state = (" (finished: skipped)" if finished_results(c, run_dir) is not None else " (exists: resumes)"
-                 if (Path(run_dir) / "results.json").exists() else "")
+                 if (Path(run_dir) / "results.json").exists() else _reuse_note(c, _donors(args, plan, run_dir, by_ordering)))
         order = f" order {' -> '.join(c.data.domains)}" if len(orders) > 1 else ""
         lines.append(f"  {c.method}{order} seed {c.seed} -> {run_dir}{state}" + (f"  options {opts}" if opts else ""))
     if len(plan) > 1:
@@ -442,7 +469,15 @@ def dry_run(plan: list, out: Path, args) -> str:
     return "\n".join(lines)
 
 
-def _run_parallel(args, plan, jobs: int) -> dict:
+def _next_job(pending: list, running: list) -> int:
+    """Index of the pending config to start next: the first whose (method, seed, first domain) no running run
+    has, else the first. Runs of one method and seed that start with the same domain share that stage
+    (``pipeline.reuse_prefix``): started one after the other, the second takes it over from the first."""
+    busy = {(c.method, c.seed, c.data.domains[0]) for c in running}
+    return next((i for i, c in enumerate(pending) if (c.method, c.seed, c.data.domains[0]) not in busy), 0)
+
+
+def _run_parallel(args, plan, jobs: int, by_ordering: bool = False) -> dict:
     """Each (method, seed) in its own `safeanchor run` process, ``jobs`` at a time, CPU threads split
     between them (one process per GPU round-robin when several GPUs are visible). Output of each goes
     to <run_dir>/run.log; a failed run stops the rest from starting and is reported with its last line."""
@@ -478,7 +513,7 @@ def _run_parallel(args, plan, jobs: int) -> dict:
     bar = tqdm(total=len(pending), desc=f"runs ({jobs} at a time)", unit="run")
     while pending or running:
         while pending and len(running) < jobs and not failed:
-            cfg, run_dir = pending.pop(0)
+            cfg, run_dir = pending.pop(_next_job([c for c, _ in pending], [r[1] for r in running]))
             run_dir.mkdir(parents=True, exist_ok=True)
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                        OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
@@ -488,6 +523,9 @@ def _run_parallel(args, plan, jobs: int) -> dict:
             cmd = [sys.executable, "-m", "safeanchor.cli", "run", *passthrough, "--method", cfg.method,
                    "--seed", str(cfg.seed), "--set", f"data.domains={json.dumps(list(cfg.data.domains))}",
                    "--out", str(run_dir)]
+            donors = _donors(args, plan, run_dir, by_ordering)
+            if donors:
+                cmd += ["--reuse-prefix", ",".join(map(str, donors))]
             log = open(run_dir / "run.log", "a")
             tqdm.write(f"== {cfg.method} {' -> '.join(cfg.data.domains)} seed {cfg.seed} -> {run_dir} "
                        f"(log: {run_dir / 'run.log'})")
@@ -655,6 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "'medical,legal,code;code,legal,medical'; each run goes to <out>/<method>-<ordering>-seed<k>/ and "
                    "the comparison adds the cross-ordering and within-ordering seed sd")
     r.add_argument("--ordering-seed", type=int, default=0, help="seed of the K random orderings (default 0)")
+    r.add_argument("--reuse-prefix", metavar="DIRS", help="comma list of run directories (or folders of them): a "
+                   "fresh run starts from the longest finished prefix it shares with one of them (same config and "
+                   "seed, another ordering of the same domains: the base's evaluation, prepare and the first domains "
+                   "in the same order), as a resumed run would; --orderings passes its other runs by itself")
     r.add_argument("--dry-run", action="store_true", help="check the config, data sources, method options and judges "
                    "offline and print the plan (model, domains, steps, N_s, probe/monitor sizes, judges, runs, output "
                    "dirs); loads no weights and downloads nothing")

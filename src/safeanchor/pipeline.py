@@ -11,6 +11,11 @@ Run directory layout (``--out``)::
     generations/<k>-<after>.jsonl   judged completions behind every number
     state/stage<k>.pt  LoRA tensors + method state after stage k (0 = prepared base) for resuming
     checkpoints/domain<t>.pt   in-domain checkpoint (removed when the domain finishes)
+
+A run of another ordering of the same domains with the same config and seed (``donors``, ``--reuse-prefix``;
+``--orderings`` passes its other runs) is the same run up to where the orderings part: ``reuse_prefix``
+starts a fresh run directory from the donor's files up to the longest finished common prefix (at least the
+base's evaluation and ``prepare``), and the run goes on from there exactly as a resumed run does.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -94,6 +100,75 @@ def _open_run_dir(cfg: RunConfig, out, dist) -> Path:
     return run_dir
 
 
+def _shared_stages(cfg: RunConfig, donor: Path) -> int:
+    """How many domains (0 = only the base's evaluation and ``prepare``) the run ``cfg`` can take from the
+    run in ``donor``; -1 when none: the donor must be another ordering of the same domains (every step
+    then evaluates the same domain sets) with the same config otherwise, and have finished those stages."""
+    try:
+        saved = json.loads((donor / "config.json").read_text())["config"]
+        results = json.loads((donor / "results.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return -1
+    ours = to_dict(cfg)
+    strip = lambda c: {**c, "data": {k: v for k, v in c["data"].items() if k != "domains"}}  # noqa: E731
+    theirs = list(saved.get("data", {}).get("domains", []))
+    if strip(saved) != strip(ours) or sorted(theirs) != sorted(ours["data"]["domains"]) or not results.get("prepare"):
+        return -1
+    common = 0
+    for a, b in zip(theirs, ours["data"]["domains"]):
+        if a != b:
+            break
+        common += 1
+    p = min(common, len(results.get("steps", [])) - 1)
+    while p >= 0 and not (donor / "state" / f"stage{p}.pt").is_file():
+        p -= 1
+    return p
+
+
+def reuse_prefix(cfg: RunConfig, run_dir: Path, donors) -> dict | None:
+    """Seed the fresh ``run_dir`` with the longest finished prefix that a donor run shares with ``cfg``
+    (``_shared_stages``): its results entries (domain scores in this run's order), the prepared state, the
+    stage files, adapters, generations and suite outputs of those stages. results.json is written last, so
+    a kill while copying leaves a fresh directory and the rerun copies again. Returns ``reused_prefix``
+    ({"from", "domains"}) or None when no donor shares anything. Resumes are exact (tests/test_pipeline.py),
+    so the run that goes on from here is the run made from scratch, except the copied steps' seconds."""
+    run_dir = Path(run_dir).resolve()
+    best, p = None, -1
+    for d in donors:
+        d = Path(d).resolve()
+        if d != run_dir and (k := _shared_stages(cfg, d)) > p:
+            best, p = d, k
+    if best is None:
+        return None
+    results = json.loads((best / "results.json").read_text())
+    order = list(cfg.data.domains)
+    steps = []
+    for k, step in enumerate(results["steps"][: p + 1]):
+        step = dict(step)
+        for key in ("domain_scores", "domain_nll"):
+            if isinstance(step.get(key), dict):
+                step[key] = {d: step[key][d] for d in order if d in step[key]}
+        steps.append(step)
+        for sub in ("generations", "suite"):
+            for src in (best / sub).glob(f"{k}-{step['after']}*") if (best / sub).is_dir() else ():
+                dst = run_dir / sub / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree(src, dst, dirs_exist_ok=True) if src.is_dir() else shutil.copy2(src, dst))
+        if step.get("adapter"):
+            shutil.copytree(best / step["adapter"], run_dir / step["adapter"], dirs_exist_ok=True)
+    # the stage files up to p, and every other state file (e.g. SafeAnchor's versioned safety_basis_v<k>, which the
+    # stage files name) the donor had written by the time it saved stage p: nothing from its later stages
+    (run_dir / "state").mkdir(parents=True, exist_ok=True)
+    stage_p = (best / "state" / f"stage{p}.pt").stat().st_mtime_ns
+    for src in (best / "state").iterdir():
+        if src.is_file() and src.suffix != ".tmp" and (src.name == f"stage{p}.pt" or src.stat().st_mtime_ns <= stage_p):
+            shutil.copy2(src, run_dir / "state" / src.name)
+    reused = {"from": str(best), "domains": p}
+    write_json(run_dir / "results.json", {**results, "domains": order, "steps": steps, "versions": versions(),
+                                          "reused_prefix": reused})
+    return reused
+
+
 class _Recorder:
     """results.json and its report, and the measurement after the base and each domain."""
 
@@ -154,13 +229,14 @@ class _Recorder:
         return out
 
 
-def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
+def run(cfg: RunConfig, out: str | Path, progress=print, donors=()) -> dict:
     """Run (or resume) the sequential pipeline; returns the results dict also written to results.json.
 
     Every check that needs no model (method options, domains, judge, safety data) runs before any work.
     Started by ``accelerate launch`` / ``torchrun`` with N processes, every process runs this function:
     training is data-parallel (distributed.py), evaluation is split over the processes, and rank 0
-    alone writes files and prints.
+    alone writes files and prints. ``donors``: run directories of other orderings of these domains whose
+    finished common prefix a fresh run starts from (``reuse_prefix``).
     """
     from .config import check_fields
     from .data.domains import get_domain
@@ -178,6 +254,12 @@ def run(cfg: RunConfig, out: str | Path, progress=print) -> dict:
     calib, monitor = safety_sets(cfg)  # a bad user file is reported before alignment or model loading
     repair = repair_set(cfg, calib)
     run_dir = _open_run_dir(cfg, out, dist)
+    if donors and not (run_dir / "results.json").exists():
+        reused = reuse_prefix(cfg, run_dir, donors) if dist.is_main else None
+        dist.barrier()
+        if reused is not None:
+            progress(f"[{cfg.method}] the first {reused['domains']} domain(s), the base's evaluation and prepare "
+                     f"taken from {reused['from']} (same config and seed, same order so far)")
 
     base_dir = None
     if cfg.aligned:
