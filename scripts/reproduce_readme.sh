@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align quickstart orders orders-bf16 t5 capacity protect random-basis parts categories example compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart orders orders-bf16 grid6 adaptive t5 capacity protect random-basis parts categories example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
@@ -22,6 +22,18 @@ for stage in $STAGES; do
     orders-bf16) # the same grid with the evaluation's generation under bf16 autocast (eval.mixed_precision)
                $SA run --preset quickstart --method standard,safeanchor --seed 0,1 --jobs 2 \
                  --orderings "medical,legal,code;code,legal,medical" --set eval.mixed_precision=bf16 --out runs/bf16-orders ;;
+    grid6)     # docs/results.md's Zen 4 grid: every ordering at seed 0, both orders at seed 1, two runs at a time
+               # (each run starts from the finished prefix another ordering shares: --reuse-prefix, automatic here)
+               $SA run --preset quickstart --method standard,safeanchor --seed 0 --jobs 2 --orderings all --out runs/grid6
+               $SA run --preset quickstart --method standard,safeanchor --seed 1 --jobs 2 \
+                 --orderings "medical,legal,code;code,legal,medical" --out runs/grid6
+               $SA compare runs/grid6/*-seed? --out runs/grid6-cmp ;;
+    adaptive)  # the same two orders x 2 seeds with the over-refusal monitor and the adaptive repair mix
+               $SA run --preset quickstart --method safeanchor --seed 0,1 --jobs 2 \
+                 --orderings "medical,legal,code;code,legal,medical" --set method_options.safeanchor.overrefusal_monitor=60 \
+                 --set method_options.safeanchor.repair_mix=adaptive --out runs/adaptive
+               $SA compare runs/adaptive/safeanchor-*-seed? runs/grid6/standard-{medical_legal_code,code_legal_medical}-seed? \
+                 --out runs/adaptive-cmp ;;
     t5)        # five domains (T = 5), seed 0, both methods side by side
                $SA run --preset quickstart --method standard,safeanchor --seed 0 --jobs 2 \
                  --set "data.domains=[medical,legal,code,biomed,math]" --set eval.mixed_precision=bf16 --out runs/bf16-t5 ;;
