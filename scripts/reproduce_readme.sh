@@ -22,11 +22,11 @@ for stage in $STAGES; do
     orders-bf16) # the same grid with the evaluation's generation under bf16 autocast (eval.mixed_precision)
                $SA run --preset quickstart --method standard,safeanchor --seed 0,1 --jobs 2 \
                  --orderings "medical,legal,code;code,legal,medical" --set eval.mixed_precision=bf16 --out runs/bf16-orders ;;
-    grid6)     # docs/results.md's Zen 4 grid: every ordering at seed 0, both orders at seed 1, two runs at a time
+    grid6)     # docs/results.md's Zen 4 grid: every ordering at seed 0, five of them at seed 1, two runs at a time
                # (each run starts from the finished prefix another ordering shares: --reuse-prefix, automatic here)
                $SA run --preset quickstart --method standard,safeanchor --seed 0 --jobs 2 --orderings all --out runs/grid6
-               $SA run --preset quickstart --method standard,safeanchor --seed 1 --jobs 2 \
-                 --orderings "medical,legal,code;code,legal,medical" --out runs/grid6
+               $SA run --preset quickstart --method standard,safeanchor --seed 1 --jobs 2 --out runs/grid6 --orderings \
+                 "medical,legal,code;medical,code,legal;legal,medical,code;code,medical,legal;code,legal,medical"
                $SA compare runs/grid6/*-seed? --out runs/grid6-cmp ;;
     adaptive)  # the same two orders x 2 seeds with the over-refusal monitor and the adaptive repair mix
                $SA run --preset quickstart --method safeanchor --seed 0,1 --jobs 2 \
