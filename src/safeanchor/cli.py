@@ -372,12 +372,12 @@ def _judge_plan(name: str) -> str:
     return f"{name}: {what} (measures {d['measures']}){load}"
 
 
-def _reuse_note(cfg, donors) -> str:
-    """" (starts from <donor>'s first p domain(s))" for a fresh run that a donor's finished prefix serves now."""
-    from .pipeline import _shared_stages
+def _reuse_note(cfg, run_dir, donors) -> str:
+    """" (starts from <donor>: ...)" for a fresh run that a donor's finished prefix serves now."""
+    from .pipeline import best_donor
 
-    best = max(((_shared_stages(cfg, Path(d)), d) for d in donors), default=(-1, None), key=lambda x: x[0])
-    return f" (starts from {best[1]}: its first {best[0]} domain(s) and prepare)" if best[0] >= 0 else ""
+    donor, p = best_donor(cfg, run_dir, donors)
+    return f" (starts from {donor}: its first {p} domain(s) and prepare)" if donor is not None else ""
 
 
 def dry_run(plan: list, out: Path, args, by_ordering: bool = False) -> str:
@@ -461,7 +461,7 @@ def dry_run(plan: list, out: Path, args, by_ordering: bool = False) -> str:
     for c, run_dir in plan:
         opts = c.method_options.get(c.method) or {}
         state = (" (finished: skipped)" if finished_results(c, run_dir) is not None else " (exists: resumes)"
-                 if (Path(run_dir) / "results.json").exists() else _reuse_note(c, _donors(args, plan, run_dir, by_ordering)))
+                 if (Path(run_dir) / "results.json").exists() else _reuse_note(c, run_dir, _donors(args, plan, run_dir, by_ordering)))
         order = f" order {' -> '.join(c.data.domains)}" if len(orders) > 1 else ""
         lines.append(f"  {c.method}{order} seed {c.seed} -> {run_dir}{state}" + (f"  options {opts}" if opts else ""))
     if len(plan) > 1:

@@ -125,6 +125,17 @@ def _shared_stages(cfg: RunConfig, donor: Path) -> int:
     return p
 
 
+def best_donor(cfg: RunConfig, run_dir: Path, donors) -> tuple[Path | None, int]:
+    """(the donor sharing the longest finished prefix with ``cfg``, its ``_shared_stages``), or (None, -1)."""
+    run_dir = Path(run_dir).resolve()
+    best, p = None, -1
+    for d in donors:
+        d = Path(d).resolve()
+        if d != run_dir and (k := _shared_stages(cfg, d)) > p:
+            best, p = d, k
+    return best, p
+
+
 def reuse_prefix(cfg: RunConfig, run_dir: Path, donors) -> dict | None:
     """Seed the fresh ``run_dir`` with the longest finished prefix that a donor run shares with ``cfg``
     (``_shared_stages``): its results entries (domain scores in this run's order), the prepared state, the
@@ -133,11 +144,7 @@ def reuse_prefix(cfg: RunConfig, run_dir: Path, donors) -> dict | None:
     ({"from", "domains"}) or None when no donor shares anything. Resumes are exact (tests/test_pipeline.py),
     so the run that goes on from here is the run made from scratch, except the copied steps' seconds."""
     run_dir = Path(run_dir).resolve()
-    best, p = None, -1
-    for d in donors:
-        d = Path(d).resolve()
-        if d != run_dir and (k := _shared_stages(cfg, d)) > p:
-            best, p = d, k
+    best, p = best_donor(cfg, run_dir, donors)
     if best is None:
         return None
     results = json.loads((best / "results.json").read_text())
