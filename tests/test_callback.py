@@ -305,3 +305,45 @@ def test_callback_honours_the_random_basis_ablation():
         cb.subspace = sub
         got = cb._projected().bases["m"].basis
         assert got.shape == v.shape and torch.equal(got, v) == same, basis
+
+
+def test_refresh_every_in_the_trainer_equals_our_loop(tmp_path):
+    """refresh_every 2 over 4 steps (incremental off, so step 4 refreshes too): the callback re-runs SSI and
+    merges at the same steps as the pipeline's method, giving the same LoRA weights and the same merged bases;
+    a callback that ignored the option (refresh_every 0) lands far from them."""
+    seed = random.randrange(10**6)
+    options = {"csm": False, "incremental": False, "gamma": 0.5, "trace_norm": "max", "refresh_every": 2}
+    cfg = _cfg(options)
+    cfg.seed = seed % 1000
+    calib, task = _data(seed)
+    ours, method = _own_loop(cfg, calib, task, seed % 97, tmp_path)
+    theirs, cb = _callback_run(cfg, calib, task, seed % 97, tmp_path)
+    err = _max_rel(theirs, ours)
+    assert err < 1e-4 * max(1.0, _max_rel(ours, _lora(_model(cfg, seed % 97)))), (seed, err)
+    assert cb.records[0]["refreshes"] == 2, seed
+    for n in method.bases:
+        assert cb.subspace.bases[n].basis.shape == method.bases[n].basis.shape, (seed, n)
+        torch.testing.assert_close(cb.subspace.bases[n].basis @ cb.subspace.bases[n].basis.T,
+                                   method.bases[n].basis @ method.bases[n].basis.T, atol=1e-4, rtol=0)
+    ignored, _ = _callback_run(cfg, calib, task, seed % 97, tmp_path, {**options, "refresh_every": 0})
+    assert _max_rel(ignored, ours) > 100 * err + 1e-6, seed
+
+
+@pytest.mark.parametrize("incremental, every, expected", [(False, 2, [2, 4]), (True, 2, [2]), (True, 3, [3]),
+                                                          (True, 4, []), (False, 0, [])])
+def test_refresh_every_counts_the_domains_own_steps(tmp_path, monkeypatch, incremental, every, expected):
+    """The method refreshes after every N-th step of the domain, counted from its start, and not after its
+    last step when the domain-end refresh (incremental) follows; a second domain counts from 1 again."""
+    from safeanchor.safety_subspace import SafetySubspace
+
+    calib, task = _data(1)
+    cfg = _cfg({"csm": False, "incremental": incremental, "gamma": 0.0, "refresh_every": every})
+    model = _model(cfg, 1)
+    method = get_method("safeanchor", cfg.method_options["safeanchor"])
+    ctx = Context(cfg=cfg, model=model, tokenizer=tiny_tokenizer(), run_dir=tmp_path, method=method, calibration=calib)
+    method.prepare(ctx)
+    at, real = [], SafetySubspace.refresh
+    monkeypatch.setattr(SafetySubspace, "refresh", lambda self, *a, **k: at.append(ctx.step) or real(self, *a, **k))
+    for domain in (1, 2):
+        train_steps(ctx, task, STEPS, stream=domain)
+    assert at == expected * 2

@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 from .anchor import SafetyBatches, snapshot_logits
 from .errors import SafeAnchorError
-from .methods.safeanchor import ANCHOR_STREAM, SafeAnchorConfig
+from .methods.safeanchor import ANCHOR_STREAM, SafeAnchorConfig, refresh_due
 from .monitor import (RepairSettings, SafetyMonitor, aligned_answers, builtin_lookalikes, check_repair_mix,
                       monitor_and_repair)
 from .projector import SafetyProjector, SafetyTerm
@@ -175,6 +175,20 @@ class SafeAnchorCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.projector is not None and self.projector.logs:
             self._logs.append(dict(self.projector.logs))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # ``refresh_every``: SSI again at the current point, merged, every N optimizer steps of the stage (the
+        # Trainer's global_step counts this train() call's steps, its max_steps their total)
+        if self.projector is None or not refresh_due(self.config, state.global_step, state.max_steps):
+            return
+        o, model = self.config, self._peft(model)
+        self.subspace = self.subspace.refresh(model, self.calibration, self.tokenizer, merge=o.merge,
+                                              max_length=self.max_length, chunk=o.ssi_chunk,
+                                              memory_budget_gib=o.ssi_memory_gib)
+        alpha = self.subspace.alpha(o.lam, o.trace_norm, o.strict)
+        self.projector.subspace = self._projected().to(next(model.parameters()).device)
+        self.projector.strengths = {n: 1.0 - a for n, a in alpha.items()}
+        self.records[-1]["refreshes"] = self.records[-1].get("refreshes", 0) + 1
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.projector is None:

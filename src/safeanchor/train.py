@@ -35,6 +35,9 @@ class Context:
     # greedy completions of the aligned base (generation.GenerationCache), for what runs with the adapter off
     generation_cache: object = None
     current_domain: str | None = None
+    # within ``train_steps``: the optimizer step just taken (1-based) and the call's total, for after_step
+    step: int = 0
+    steps: int = 0
     log: list = field(default_factory=list)
     # this process's place in a data-parallel group (distributed.py); the default is a single process
     dist: Dist = field(default_factory=Dist)
@@ -160,6 +163,7 @@ def train_steps(ctx: Context, examples: list[dict], steps: int, stream: int, ckp
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        ctx.step, ctx.steps = step + 1, steps
         logs.update(method.after_step(ctx))
         logs["step"] = step + 1
         history.append(logs)

@@ -119,8 +119,9 @@ class SafeAnchorConfig(MethodConfig):
     merge: Literal["weighted", "residual", "union"] = _h(
         "weighted", "'weighted' (SVD of eigenvalue-scaled bases = eigendecomposition of F_old + F_new), 'residual' "
         "(GPM-style growth), 'union' (public code's unweighted SVD)")
-    refresh_every: int = _h(0, "also recompute + merge the subspace every N steps inside a domain (0 = only "
-                            "after domains, as the paper); fixes the B = 0 start", check=">=0")
+    refresh_every: int = _h(0, "also recompute + merge the subspace every N steps of each domain, counted from "
+                            "its start (not after its last step when the incremental refresh follows; 0 = only "
+                            "after domains, as the paper); constrains the A-block once B moves", check=">=0")
     ssi_chunk: int = _h(8, "calibration examples per batched forward/backward in SSI", check=">=1")
     ssi_memory_gib: float = _h(1.5, "per-example gradients SSI holds at once (GiB): modules are processed in groups "
                                "that fit, one pass over the calibration set per group (Llama-2-7B, r 16, N_s 500: "
@@ -133,6 +134,16 @@ class SafeAnchorConfig(MethodConfig):
                 f"method_options.safeanchor.repair_mix: adaptive replays the look-alikes alone while only the "
                 f"over-refusal monitor is off, so it needs overrefusal_monitor > 0 (got {self.overrefusal_monitor}) "
                 f"and repair_lookalikes > 0 (got {self.repair_lookalikes}); set both, or repair_mix: fixed")
+
+
+def refresh_due(options: "SafeAnchorConfig", step: int, steps: int) -> bool:
+    """``refresh_every``: recompute + merge the subspace after step ``step`` (1-based) of a domain of ``steps``?
+    Every N-th step of the domain, counted from its start, except its last step when the domain-end
+    refresh (``incremental``) follows at once (the same point twice would count its Fisher twice)."""
+    every = options.refresh_every
+    if not every or options.project == "none" or step % every:
+        return False
+    return not (options.incremental and step >= steps)
 
 
 @register
@@ -285,8 +296,7 @@ class SafeAnchor(Method):
     def after_step(self, ctx) -> dict:
         self.step_count += 1
         logs = dict(self.projector.logs) if self.projector is not None else {}
-        every = self.options.refresh_every
-        if every and self.step_count % every == 0 and self.options.project != "none":
+        if refresh_due(self.options, ctx.step, ctx.steps):
             self._refresh(ctx)
         return logs
 
