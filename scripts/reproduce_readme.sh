@@ -34,12 +34,13 @@ for stage in $STAGES; do
                  --set method_options.safeanchor.repair_mix=adaptive --out runs/adaptive
                $SA compare runs/adaptive/safeanchor-*-seed? runs/grid6/standard-{medical_legal_code,code_legal_medical}-seed? \
                  --out runs/adaptive-cmp ;;
-    t5)        # five domains (T = 5), seed 0, both methods side by side
+    t5)        # five domains (T = 5), seed 0, both methods side by side (bf16 where the CPU has it: the preset's auto)
                $SA run --preset quickstart --method standard,safeanchor --seed 0 --jobs 2 \
-                 --set "data.domains=[medical,legal,code,biomed,math]" --set eval.mixed_precision=bf16 --out runs/bf16-t5 ;;
+                 --set "data.domains=[medical,legal,code,biomed,math]" --out runs/t5 ;;
     capacity)  # basis size, update share removed, plasticity and retention per domain position
                $SA analyze capacity runs/orders2/safeanchor-*-seed* runs/orders/standard-*-seed* --out runs/capacity-t3
-               $SA analyze capacity runs/bf16-t5/*-seed0 --out runs/capacity-t5 ;;
+               $SA analyze capacity runs/grid6/*-seed? --out runs/capacity-grid6
+               $SA analyze capacity runs/t5/*-seed0 --out runs/capacity-t5 ;;
     protect)   # does protecting one harm category's subspace protect the others? (medical only, CSM off)
                for c in all violence non-violent-crimes; do
                  src=offline; [ $c != all ] && src=offline:$c
