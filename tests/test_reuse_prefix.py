@@ -55,15 +55,35 @@ def test_a_run_from_a_shared_prefix_equals_the_run_from_scratch(tmp_path, method
         assert (tmp_path / "reused" / "adapters" / f"{t}-{d}" / "adapter_config.json").is_file()
 
 
-def test_only_a_same_config_run_of_the_same_domains_is_a_donor_and_only_its_finished_stages(tmp_path):
+@pytest.mark.parametrize("method", ["standard", "safeanchor"])
+def test_a_longer_run_starts_from_a_shorter_ones_steps_and_scores_its_new_domain_on_them(tmp_path, method):
+    """T = 3 from a finished T = 2 run of its first two domains: the copied steps get the third domain's
+    score measured on their own models, and the whole run equals the T = 3 run made from scratch. The other
+    way round, a T = 2 run is all in a T = 3 run's first steps (the third domain's columns dropped)."""
+    short = run(_cfg(method, FIRST[:2]), tmp_path / "short", progress=QUIET)
+    scratch = run(_cfg(method, FIRST), tmp_path / "scratch", progress=QUIET)
+    said = []
+    longer = run(_cfg(method, FIRST), tmp_path / "longer", progress=said.append, donors=[tmp_path / "short"])
+    assert longer["reused_prefix"] == {"from": str((tmp_path / "short").resolve()), "domains": 2,
+                                       "rescored": [FIRST[2]]}
+    assert any(f"{FIRST[2]} scored afresh" in line for line in said)
+    assert _strip(longer) == _strip(json.loads(json.dumps(scratch)))
+    on_disk = json.loads((tmp_path / "longer" / "results.json").read_text())
+    assert [list(s["domain_scores"]) for s in on_disk["steps"]] == [FIRST] * 4
+    again = run(_cfg(method, FIRST[:2]), tmp_path / "again", progress=QUIET, donors=[tmp_path / "scratch"])
+    assert again["reused_prefix"] == {"from": str((tmp_path / "scratch").resolve()), "domains": 2}
+    assert _strip(again) == _strip(json.loads(json.dumps(short)))
+
+
+def test_only_a_same_config_run_is_a_donor_and_only_its_finished_stages(tmp_path):
     donor = tmp_path / "donor"
     run(_cfg("standard", FIRST), donor, progress=QUIET)
     other_lr = tmp_path / "lr"
     run(_cfg("standard", FIRST, **{"train.lr": 0.5}), other_lr, progress=QUIET)
     fewer = tmp_path / "fewer"
     run(_cfg("standard", FIRST[:2]), fewer, progress=QUIET)
-    # another config or another set of domains: nothing is taken (the run is made from scratch)
-    res = run(_cfg("standard", SECOND), tmp_path / "a", progress=QUIET, donors=[other_lr, fewer])
+    # another config: nothing is taken (the run is made from scratch)
+    res = run(_cfg("standard", SECOND), tmp_path / "a", progress=QUIET, donors=[other_lr])
     assert "reused_prefix" not in res and len(res["steps"]) == 4
     # only the base is shared with THIRD; the donor with the longer prefix wins
     unfinished = tmp_path / "unfinished"
@@ -74,7 +94,8 @@ def test_only_a_same_config_run_of_the_same_domains_is_a_donor_and_only_its_fini
     from safeanchor.pipeline import _shared_stages
     assert _shared_stages(cfg, unfinished) == 0 and _shared_stages(cfg, donor) == 1
     assert _shared_stages(_cfg("standard", THIRD), donor) == 0
-    assert _shared_stages(cfg, other_lr) == -1 and _shared_stages(cfg, fewer) == -1
+    assert _shared_stages(cfg, other_lr) == -1
+    assert _shared_stages(cfg, fewer) == 1  # other domains: the shared first one (its new columns scored afresh)
     (tmp_path / "b").mkdir()
     res = run(cfg, tmp_path / "b", progress=QUIET, donors=[unfinished, donor])
     assert res["reused_prefix"]["domains"] == 1 and res["reused_prefix"]["from"] == str(donor.resolve())

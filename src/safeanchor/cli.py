@@ -199,7 +199,8 @@ def cmd_run(args) -> int:
 
 def _donors(args, plan, run_dir: Path, by_ordering: bool) -> list[Path]:
     """Run directories a fresh run may start from (``pipeline.reuse_prefix``, which checks that each is the
-    same config and seed in another ordering): ``--reuse-prefix`` (run directories, or folders of them) and,
+    same config and seed with other domains or another order): ``--reuse-prefix`` (run directories, or folders
+    of them) and,
     under ``--orderings``, the plan's other runs."""
     found: list[Path] = []
     for item in (x.strip() for x in (getattr(args, "reuse_prefix", None) or "").split(",")):
@@ -695,8 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ordering-seed", type=int, default=0, help="seed of the K random orderings (default 0)")
     r.add_argument("--reuse-prefix", metavar="DIRS", help="comma list of run directories (or folders of them): a "
                    "fresh run starts from the longest finished prefix it shares with one of them (same config and "
-                   "seed, another ordering of the same domains: the base's evaluation, prepare and the first domains "
-                   "in the same order), as a resumed run would; --orderings passes its other runs by itself")
+                   "seed, other orderings or other domain lists: the base's evaluation, prepare and the first "
+                   "domains in the same order; scores of domains the donor lacks are measured on the copied "
+                   "steps), as a resumed run would; --orderings passes its other runs by itself")
     r.add_argument("--dry-run", action="store_true", help="check the config, data sources, method options and judges "
                    "offline and print the plan (model, domains, steps, N_s, probe/monitor sizes, judges, runs, output "
                    "dirs); loads no weights and downloads nothing")

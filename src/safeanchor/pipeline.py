@@ -19,6 +19,8 @@ base's evaluation and ``prepare``), and the run goes on from there exactly as a 
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import platform
@@ -102,8 +104,10 @@ def _open_run_dir(cfg: RunConfig, out, dist) -> Path:
 
 def _shared_stages(cfg: RunConfig, donor: Path) -> int:
     """How many domains (0 = only the base's evaluation and ``prepare``) the run ``cfg`` can take from the
-    run in ``donor``; -1 when none: the donor must be another ordering of the same domains (every step
-    then evaluates the same domain sets) with the same config otherwise, and have finished those stages."""
+    run in ``donor``; -1 when none. The donor must have the same config apart from ``data.domains`` and have
+    finished those stages; its domains may be another order or another list (a T = 3 run is the start of a
+    T = 5 run with the same first domains: training never looks ahead). Scores of this run's domains that
+    the donor did not evaluate are measured on the copied steps' models afterwards (``_fill_domain_scores``)."""
     try:
         saved = json.loads((donor / "config.json").read_text())["config"]
         results = json.loads((donor / "results.json").read_text())
@@ -112,7 +116,7 @@ def _shared_stages(cfg: RunConfig, donor: Path) -> int:
     ours = to_dict(cfg)
     strip = lambda c: {**c, "data": {k: v for k, v in c["data"].items() if k != "domains"}}  # noqa: E731
     theirs = list(saved.get("data", {}).get("domains", []))
-    if strip(saved) != strip(ours) or sorted(theirs) != sorted(ours["data"]["domains"]) or not results.get("prepare"):
+    if strip(saved) != strip(ours) or not results.get("prepare"):
         return -1
     common = 0
     for a, b in zip(theirs, ours["data"]["domains"]):
@@ -171,6 +175,9 @@ def reuse_prefix(cfg: RunConfig, run_dir: Path, donors) -> dict | None:
         if src.is_file() and src.suffix != ".tmp" and (src.name == f"stage{p}.pt" or src.stat().st_mtime_ns <= stage_p):
             shutil.copy2(src, run_dir / "state" / src.name)
     reused = {"from": str(best), "domains": p}
+    rescored = [d for d in order if d not in results.get("domains", [])]
+    if rescored:  # measured on the copied steps by _fill_domain_scores once the model is loaded
+        reused["rescored"] = rescored
     write_json(run_dir / "results.json", {**results, "domains": order, "steps": steps, "versions": versions(),
                                           "reused_prefix": reused})
     return reused
@@ -265,8 +272,10 @@ def run(cfg: RunConfig, out: str | Path, progress=print, donors=()) -> dict:
         reused = reuse_prefix(cfg, run_dir, donors) if dist.is_main else None
         dist.barrier()
         if reused is not None:
+            extra = (f"; {', '.join(reused['rescored'])} scored afresh on those steps" if reused.get("rescored")
+                     else "")
             progress(f"[{cfg.method}] the first {reused['domains']} domain(s), the base's evaluation and prepare "
-                     f"taken from {reused['from']} (same config and seed, same order so far)")
+                     f"taken from {reused['from']} (same config and seed, same order so far{extra})")
 
     base_dir = None
     if cfg.aligned:
@@ -287,6 +296,7 @@ def run(cfg: RunConfig, out: str | Path, progress=print, donors=()) -> dict:
 
         ctx.generation_cache = GenerationCache(Path(base_dir) / "generation_cache", model)
     rec = _Recorder(cfg, ctx, judge, domains, base_dir, progress)
+    _fill_domain_scores(ctx, rec)
 
     if not rec.results["steps"]:
         with ctx.model.disable_adapter():
@@ -309,6 +319,32 @@ def run(cfg: RunConfig, out: str | Path, progress=print, donors=()) -> dict:
         if dist.is_main:
             (run_dir / "checkpoints" / f"domain{t}.pt").unlink(missing_ok=True)
     return rec.results
+
+
+def _fill_domain_scores(ctx: Context, rec: _Recorder) -> None:
+    """Steps taken from a donor that trained other domains (``reuse_prefix``) lack the scores of this run's
+    domains the donor never evaluated: measure them on each such step's model (the base with the adapter
+    off, or the stage file, which holds the model that step measured), in this run's column order. One
+    step at a time, each written at once, so a kill loses at most one step's scoring."""
+    from .evaluation import domain_score
+
+    order = list(rec.domain_evals)
+    for k, step in enumerate(rec.results["steps"]):
+        missing = [d for d in order if d not in (step.get("domain_scores") or {})]
+        if not missing:
+            continue
+        if k > 0:
+            load_checkpoint(ctx.run_dir / "state" / f"stage{k}.pt", ctx)
+        ctx.model.eval()
+        with ctx.model.disable_adapter() if k == 0 else contextlib.nullcontext():
+            for d in missing:
+                got = domain_score(ctx.model, ctx.tokenizer, rec.domain_evals[d], ctx.cfg.train.max_length,
+                                   dist=ctx.dist)
+                step.setdefault("domain_scores", {})[d] = round(got["token_accuracy"], 2)
+                step.setdefault("domain_nll", {})[d] = round(got["nll"], 4)
+        for key in ("domain_scores", "domain_nll"):
+            step[key] = {d: step[key][d] for d in order if d in step[key]}
+        rec.write()
 
 
 def _domain_stage(ctx: Context, rec: _Recorder, t: int, domain) -> dict:
