@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align quickstart orders orders-bf16 grid6 adaptive t5 capacity protect random-basis parts categories example compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart orders orders-bf16 grid6 adaptive t5 capacity protect random-basis parts refresh categories example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
@@ -60,6 +60,18 @@ for stage in $STAGES; do
                $SA run --preset quickstart --method safeanchor --seed 0,1 --jobs 2 \
                  --set method_options.safeanchor.project=none --set method_options.safeanchor.gamma=0 \
                  --out runs/ablation-csm-only ;;
+    refresh)   # the Fisher subspace refreshed after steps 10 and 20 of each domain, 2 seeds, against the grid's M -> L -> C
+               for k in 0 1; do
+                 $SA run --preset quickstart --method safeanchor --seed $k --set "data.domains=[medical,legal,code]" \
+                   --set method_options.safeanchor.refresh_every=10 --out runs/refresh/safeanchor-refresh10-seed$k
+               done
+               mkdir -p runs/refresh-cmp-in
+               for k in 0 1; do
+                 ln -sfn ../grid6/safeanchor-medical_legal_code-seed$k runs/refresh-cmp-in/full-seed$k
+                 ln -sfn ../refresh/safeanchor-refresh10-seed$k runs/refresh-cmp-in/refresh10-seed$k
+                 ln -sfn ../grid6/standard-medical_legal_code-seed$k runs/refresh-cmp-in/standard-seed$k
+               done
+               $SA compare --by-dir runs/refresh-cmp-in/* --out runs/refresh-cmp ;;
     categories) # one safety subspace per coarse harm category at the aligned base
                $SA analyze category-subspaces --preset quickstart --per-category 32 --out runs/category-subspaces ;;
     example)   # SafeAnchor in a user's own TRL SFTTrainer script, and the same script without it
