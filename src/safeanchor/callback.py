@@ -182,9 +182,7 @@ class SafeAnchorCallback(TrainerCallback):
         if self.projector is None or not refresh_due(self.config, state.global_step, state.max_steps):
             return
         o, model = self.config, self._peft(model)
-        self.subspace = self.subspace.refresh(model, self.calibration, self.tokenizer, merge=o.merge,
-                                              max_length=self.max_length, chunk=o.ssi_chunk,
-                                              memory_budget_gib=o.ssi_memory_gib)
+        self._refresh(model)
         alpha = self.subspace.alpha(o.lam, o.trace_norm, o.strict)
         self.projector.subspace = self._projected().to(next(model.parameters()).device)
         self.projector.strengths = {n: 1.0 - a for n, a in alpha.items()}
@@ -212,13 +210,18 @@ class SafeAnchorCallback(TrainerCallback):
                                                benign=self.benign_monitor, lookalikes=self.lookalikes)
             self._broadcast(model)
         if o.incremental and o.project != "none":
-            self.subspace = self.subspace.refresh(model, self.calibration, self.tokenizer, merge=o.merge,
-                                                  max_length=self.max_length, chunk=o.ssi_chunk,
-                                                  memory_budget_gib=o.ssi_memory_gib)
+            self._refresh(model)
             record["subspace_after"] = self.subspace.spectrum()
         self.projector = None
 
     # -- helpers --------------------------------------------------------------------------------------
+    def _refresh(self, model) -> None:
+        """SSI again at the model's current point, merged into the subspace (``config.merge``)."""
+        o = self.config
+        self.subspace = self.subspace.refresh(model, self.calibration, self.tokenizer, merge=o.merge,
+                                              max_length=self.max_length, chunk=o.ssi_chunk,
+                                              memory_budget_gib=o.ssi_memory_gib)
+
     @staticmethod
     def _peft(model):
         if model is None or not hasattr(model, "disable_adapter"):

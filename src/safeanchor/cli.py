@@ -200,8 +200,7 @@ def cmd_run(args) -> int:
 def _donors(args, plan, run_dir: Path, by_ordering: bool) -> list[Path]:
     """Run directories a fresh run may start from (``pipeline.reuse_prefix``, which checks that each is the
     same config and seed with other domains or another order): ``--reuse-prefix`` (run directories, or folders
-    of them) and,
-    under ``--orderings``, the plan's other runs."""
+    of them) and, under ``--orderings``, the plan's other runs."""
     found: list[Path] = []
     for item in (x.strip() for x in (getattr(args, "reuse_prefix", None) or "").split(",")):
         if not item:

@@ -20,7 +20,6 @@ base's evaluation and ``prepare``), and the run goes on from there exactly as a 
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import platform
