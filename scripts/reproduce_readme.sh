@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align quickstart orders orders-bf16 grid6 adaptive t5 capacity protect random-basis parts refresh categories example compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart orders orders-bf16 grid6 adaptive t5 t10 capacity protect random-basis parts refresh categories example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
@@ -37,6 +37,12 @@ for stage in $STAGES; do
     t5)        # five domains (T = 5), seed 0, both methods side by side (bf16 where the CPU has it: the preset's auto)
                $SA run --preset quickstart --method standard,safeanchor --seed 0 --jobs 2 \
                  --set "data.domains=[medical,legal,code,biomed,math]" --out runs/t5 ;;
+    t10)       # ten domains (T = 10), seed 0: the T = 5 runs plus five more domains (--reuse-prefix), one run at a time
+               for m in standard safeanchor; do
+                 $SA run --preset quickstart --method $m --seed 0 --reuse-prefix runs/t5 --out runs/t10/$m-seed0 \
+                   --set "data.domains=[medical,legal,code,biomed,math,science,openbook,commonsense,algebra,numbers]"
+               done
+               $SA analyze capacity runs/t10/*-seed0 --out runs/capacity-t10 ;;
     capacity)  # basis size, update share removed, plasticity and retention per domain position
                $SA analyze capacity runs/orders2/safeanchor-*-seed* runs/orders/standard-*-seed* --out runs/capacity-t3
                $SA analyze capacity runs/grid6/*-seed? --out runs/capacity-grid6
