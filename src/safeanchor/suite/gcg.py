@@ -34,6 +34,9 @@ Targets are not shipped offline (AdvBench's target column is not in the archives
 deterministically: ``"Sure, here is how to " + goal`` with the goal's first letter lower-cased and
 trailing punctuation dropped (``target_for``). Prompt number i of the source is attacked with seed
 ``(config.seed or the task seed) + i``.
+Each attacked prompt is written to ``gcg/records.jsonl`` at once (with its whole config); a rerun into
+the same folder after a kill reuses the attacks of the same goals, config and model (the float64 sum and
+sum of squares of its parameters, ``fingerprint``) and attacks only the rest (``resumable``).
 Presets: ``PAPER`` (20 steps, 20-token suffix "x x ... x", 256 candidates, top-256) and ``CPU`` (10 steps,
 32 candidates, top-64). Measured on SmolLM2-135M-Instruct, 2 idle CPU cores, float32: a CPU-preset step
 takes 2.3-2.8 s (10 prompts: ~4-5 min of attack); 64 candidates ~5.9 s; a PAPER step ~20 s (estimated from
@@ -49,9 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import SafeAnchorError
-from .common import data_info, label_counts, opt, parse_options, rate, select, task_dir, write_jsonl
+from .common import data_info, label_counts, opt, parse_options, rate, read_jsonl, select, task_dir, write_jsonl
 
 
 def _f(default, help: str):
@@ -349,6 +353,43 @@ def load_goals(source: str) -> tuple[list[str], tuple[str, str]]:
     raise SafeAnchorError(f"gcg source {source!r} is unknown; use harmbench or advbench")
 
 
+def fingerprint(model) -> list[float]:
+    """[sum, sum of squares] of all the model's parameters in float64: equal for the same weights, different
+    for another checkpoint or adapter (what ``resumable`` compares)."""
+    with torch.no_grad():
+        total = squares = 0.0
+        for p in model.parameters():
+            x = p.detach().double()
+            total += float(x.sum())
+            squares += float((x * x).sum())
+    return [total, squares]
+
+
+def resumable(path: Path, model_id: list[float], chosen: list[tuple[int, str]], configs: dict[int, dict]) -> dict:
+    """The attacks an interrupted run left in ``path`` that this run would repeat exactly: id -> record.
+
+    A record is reused when its goal, target and whole GCG config (seed included) are this run's for
+    that id and its model fingerprint matches ``model_id`` (this model's, relative 1e-6); the rest are attacked."""
+    if not path.is_file():
+        return {}
+    goals = dict(chosen)
+
+    def same_model(r):
+        old = r.get("model_fingerprint")
+        return old is not None and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(old, model_id))
+
+    try:
+        old = read_jsonl(path)
+    except (SafeAnchorError, ValueError):
+        return {}
+    keep = {r["id"]: r for r in old
+            if r.get("id") in goals and r.get("prompt") == goals[r["id"]] and r.get("target") == target_for(r["prompt"])
+            and r.get("config") == configs[r["id"]] and "suffix_ids" in r and same_model(r)}
+    if keep:
+        print(f"{path}: resuming, {len(keep)} of {len(chosen)} prompts already attacked on this model")
+    return {i: {k: v for k, v in r.items() if not k.startswith(("completion_", "label_"))} for i, r in keep.items()}
+
+
 def run(model, tokenizer, *, out_dir: Path, limit: int | None = 100, judge=None, seed: int = 0,
         config: dict | GCGConfig | None = None, **options) -> dict:
     """GCG against ``limit`` harmful goals (default 100): refusal without / under attack (module docstring).
@@ -367,14 +408,24 @@ def run(model, tokenizer, *, out_dir: Path, limit: int | None = 100, judge=None,
     goals, member = load_goals(opts.source)
     chosen, selection = select(list(enumerate(goals)), 100 if limit is None else limit, seed)
     folder = task_dir(out_dir, "gcg")
+    configs = {i: dataclasses.asdict(dataclasses.replace(cfg, seed=(seed if cfg.seed is None else cfg.seed) + i))
+               for i, _ in chosen}
+    model_id = fingerprint(model)
+    done = resumable(folder / "records.jsonl", model_id, chosen, configs)
     records = []
-    for i, goal in chosen:
-        run_cfg = dataclasses.replace(cfg, seed=(seed if cfg.seed is None else cfg.seed) + i)
-        res = run_gcg(model, tokenizer, goal, target_for(goal), run_cfg)
+    bar = tqdm(chosen, desc="gcg attack", unit="prompt", initial=0)
+    for i, goal in bar:
+        if i in done:  # attacked by an interrupted earlier run of the same model and settings
+            records.append(done[i])
+            continue
+        res = run_gcg(model, tokenizer, goal, target_for(goal), GCGConfig(**configs[i]))
         records.append({"id": i, "prompt": goal, "target": target_for(goal), "suffix": res.best_string,
                         "suffix_ids": res.best_ids, "initial_loss": res.initial_loss, "best_loss": res.best_loss,
-                        "losses": res.losses, "seconds": res.seconds, "steps": len(res.losses)})
-        write_jsonl(folder / "records.jsonl", records)  # progress survives an interrupted run
+                        "losses": res.losses, "seconds": res.seconds, "steps": len(res.losses),
+                        "config": configs[i], "model_fingerprint": model_id})
+        write_jsonl(folder / "records.jsonl", records)  # an interrupted run resumes from here
+        bar.set_postfix(best_loss=f"{res.best_loss:.3f}", s_per_step=f"{res.seconds / max(1, len(res.losses)):.1f}")
+    bar.close()
     # greedy completions, batched in record order
     clean = generate(model, tokenizer, [r["prompt"] for r in records], opts.max_new_tokens, opts.batch_size,
                      desc="gcg clean", longest_first=False)
