@@ -130,9 +130,15 @@ def test_capacity_per_position_against_hand_computed_numbers(tmp_path):
     std = result["methods"]["standard"]["per_t"]
     assert std[0]["k_after"] is None and std[0]["gain"]["mean"] == 25.0 and std[1]["gain"]["mean"] == 12.0
     assert sa[0]["gain_vs_standard"] == 100.0 and sa[1]["gain_vs_standard"] == pytest.approx(66.7)
+    # the score right after the domain: (70 + 80) / 2 and (60 + 56) / 2, against Standard's 75 and 62
+    assert sa[0]["score"]["mean"] == 75.0 and sa[1]["score"]["mean"] == 58.0
+    assert sa[0]["score"]["sd"] == pytest.approx(7.0711, abs=1e-3)
+    assert sa[0]["score_vs_standard"] == 0.0 and sa[1]["score_vs_standard"] == -4.0
+    assert std[1]["score_vs_standard"] == 0.0
     md = (tmp_path / "out" / "capacity.md").read_text()
     assert "## safeanchor (2 run(s); basis at the base: 11.0 per module)" in md
-    assert "| 2 | l, m | 2 | 32.0 ± 2.8 | 30.0 ± 14.1 | 8.0 ± 2.8 | 67 | 93.0 ± 4.2 | 50.0 ± 0.0 | 0/2 |" in md
+    assert ("| 2 | l, m | 2 | 32.0 ± 2.8 | 30.0 ± 14.1 | 58.0 ± 2.8 | -4.0 | 8.0 ± 2.8 | 67 | 93.0 ± 4.2 | 50.0 ± 0.0 "
+            "| 0/2 |") in md
     assert json.loads((tmp_path / "out" / "capacity.json").read_text())["methods"].keys() == {"safeanchor", "standard"}
     assert (tmp_path / "out" / "capacity.png").stat().st_size > 1000
     with pytest.raises(SafeAnchorError, match="does not exist"):

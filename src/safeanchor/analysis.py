@@ -353,8 +353,9 @@ def capacity_rows(results: dict) -> list[dict]:
     """One row per domain position t = 1..T of one run: the domain, the safety basis after it (mean basis
     vectors per module; ``k_before`` at t = 1 is SSI's at the base), the share of the task update inside the
     subspace before projection (the part removed; mean over the domain's steps of the mean over modules of
-    ||V^T u|| / ||u||), the gain on that domain's own score from training it (points of held-out token
-    accuracy: plasticity), and refusal (and held-out-style refusal) as % of the aligned base's."""
+    ||V^T u|| / ||u||), the domain's own score right after training it and the gain on it from training it
+    (points of held-out token accuracy: plasticity), and refusal (and held-out-style refusal) as % of the
+    aligned base's."""
     steps = results["steps"]
     base = steps[0]
     prepare = (results.get("prepare") or {}).get("subspace") or {}
@@ -374,6 +375,7 @@ def capacity_rows(results: dict) -> list[dict]:
         csm = (step.get("method") or {}).get("csm") or {}
         rows.append({"t": t, "domain": domain, "k_before": prev.get("k_mean"), "k_after": sub.get("k_mean"),
                      "update_removed": logs.get("update_in_subspace"),
+                     "score": scores.get(domain),
                      "gain": (round(scores[domain] - prior[domain], 2)
                               if domain in scores and domain in prior else None),
                      "refusal_retained": retained("refusal_rate"),
@@ -399,7 +401,7 @@ def capacity(run_dirs: list, out: Path) -> dict:
             raise SafeAnchorError(f"{d} has not finished a domain; pass finished runs")
         by_method.setdefault(res["method"], []).append(capacity_rows(res))
         names.setdefault(res["method"], []).append(str(d))
-    keys = ("k_after", "update_removed", "gain", "refusal_retained", "heldout_retained")
+    keys = ("k_after", "update_removed", "score", "gain", "refusal_retained", "heldout_retained")
     methods = {}
     for method, runs in by_method.items():
         T = max(len(r) for r in runs)
@@ -420,20 +422,26 @@ def capacity(run_dirs: list, out: Path) -> dict:
             per_t.append(cell)
         methods[method] = {"runs": names[method], "per_t": per_t}
     if "standard" in methods:
-        std = {c["t"]: c["gain"] for c in methods["standard"]["per_t"]}
+        std = {c["t"]: c for c in methods["standard"]["per_t"]}
         for method, m in methods.items():
             for c in m["per_t"]:
-                s = std.get(c["t"])
-                c["gain_vs_standard"] = (round(100.0 * c["gain"]["mean"] / s["mean"], 1)
-                                         if c["gain"] and s and s["mean"] else None)
+                s = std.get(c["t"], {})
+                c["gain_vs_standard"] = (round(100.0 * c["gain"]["mean"] / s["gain"]["mean"], 1)
+                                         if c["gain"] and s.get("gain") and s["gain"]["mean"] else None)
+                c["score_vs_standard"] = (round(c["score"]["mean"] - s["score"]["mean"], 2)
+                                          if c["score"] and s.get("score") else None)
     result = {"methods": methods, "definitions": {
         "k_after": "mean basis vectors per LoRA module after the domain's merge",
         "update_removed": "share of the task update's norm inside the safety subspace before projection (removed), "
                           "mean over the domain's steps and the modules",
+        "score": "held-out token accuracy on the domain right after training it (plasticity, whatever the "
+                 "score before)",
         "gain": "points of held-out token accuracy gained on the domain by training it (plasticity)",
         "refusal_retained": "HarmBench-probe refusal as % of the aligned base's",
         "heldout_retained": "held-out-style refusal as % of the aligned base's",
-        "gain_vs_standard": "gain as % of Standard LoRA's gain at the same position"}}
+        "gain_vs_standard": "gain as % of Standard LoRA's gain at the same position (misleads where the two "
+                            "start the domain from different scores: compare score_vs_standard)",
+        "score_vs_standard": "score minus Standard LoRA's at the same position (pts)"}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "capacity.json").write_text(json.dumps(result, indent=2))
@@ -456,15 +464,19 @@ def _capacity_md(result: dict, path: Path) -> None:
         k0 = m["per_t"][0].get("k_before")
         lines += [f"## {method} ({len(m['runs'])} run(s)" + (f"; basis at the base: {k0:.1f} per module)" if k0
                                                               else ")"), "",
-                  "| t | domain(s) | runs | basis k after | update removed % | gain on the domain (pts) | "
-                  "gain vs Standard % | refusal retained % | held-out retained % | CSM repaired |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| t | domain(s) | runs | basis k after | update removed % | score on the domain | "
+                  "score vs Standard (pts) | gain on the domain (pts) | gain vs Standard % | refusal retained % | "
+                  "held-out retained % | CSM repaired |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in m["per_t"]:
             g = c.get("gain_vs_standard")
             vs_std = "n/a" if g is None else f"{g:.0f}"
+            d = c.get("score_vs_standard")
+            score_vs = "n/a" if d is None else f"{d:+.1f}"
             repaired = "n/a" if c["csm_triggered"] is None else f"{c['csm_triggered']}/{c['runs']}"
             lines.append(f"| {c['t']} | {', '.join(c['domains'])} | {c['runs']} | {fmt(c['k_after'])} | "
-                         f"{fmt(c['update_removed'], 1, 100.0)} | {fmt(c['gain'])} | {vs_std} | "
+                         f"{fmt(c['update_removed'], 1, 100.0)} | {fmt(c['score'])} | {score_vs} | "
+                         f"{fmt(c['gain'])} | {vs_std} | "
                          f"{fmt(c['refusal_retained'])} | {fmt(c['heldout_retained'])} | {repaired} |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
