@@ -69,6 +69,20 @@ def test_scores_are_resampled_over_runs_only():
     assert lo == pytest.approx(40.0) and hi == pytest.approx(60.0)
 
 
+def test_a_single_run_of_a_score_has_no_interval_and_no_verdict():
+    """One run of a score without per-prompt parts resamples to a point: no interval, and its difference is
+    neither distinguishable nor not (it used to read [x, x] and 'distinguishable' for any difference)."""
+    one = [st.Sample(np.array([0.893]))]
+    assert st.boot_mean(one) is None
+    d = st.boot_diff(one, [st.Sample(np.array([0.852]))])
+    assert d["diff"] == pytest.approx(4.1) and d["ci"] is None and d["distinguishable"] is None
+    d = st.boot_diff(one, [st.Sample(np.array([v])) for v in (0.84, 0.86)])
+    assert d["ci"] is None and d["distinguishable"] is None
+    # two runs on each side: an interval again; one run of 0/1 labels: the binomial interval (above)
+    d = st.boot_diff([st.Sample(np.array([v])) for v in (0.89, 0.90)], [st.Sample(np.array([v])) for v in (0.84, 0.86)])
+    assert d["ci"] is not None and d["distinguishable"]
+
+
 # -- per-method summary -------------------------------------------------------------------------------------
 def _run(method, seed, order, values, *, over=(10.0, 10.0, 10.0), scores=60.0, csm=None, composite=None):
     steps = [{"after": "base", "refusal_rate": values[0], "over_refusal_rate": over[0], "n_probe": 50,

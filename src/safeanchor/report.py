@@ -208,6 +208,8 @@ def _diff_cell(d: dict | None) -> str:
 
     if not d:
         return "n/a"
+    if d.get("distinguishable") is None:
+        return f"{d['diff']:+.1f} (one run: no interval)"
     return f"{d['diff']:+.1f} {fmt_ci(d['ci'])}" + ("" if d["distinguishable"] else " n.d.")
 
 

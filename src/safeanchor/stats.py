@@ -12,7 +12,8 @@
   - labels rebuilt from a rate and its n (no generations file) are resampled together for a mean (the
     widest case, as if the runs agreed on which prompts they refuse) and per run for a difference (for
     0/1 labels a Binomial(n, rate) draw);
-  - a score with no per-prompt parts (composite safety, domain score) is resampled over runs only.
+  - a score with no per-prompt parts (composite safety, domain score) is resampled over runs only; from a
+    single run it has no interval (null, shown n/a) and its difference is neither distinguishable nor not.
   95% percentile intervals; a rate's interval is never narrower than one run's Wilson interval at the
   mean rate (a rate that is 0 in every run would get [0, 0]). Two methods are *not distinguishable* when
   the interval of their difference contains 0.
@@ -135,11 +136,17 @@ def _shared_weights(p: int, rng: np.random.Generator, n_boot: int) -> np.ndarray
     return rng.multinomial(p, np.full(p, 1.0 / p), n_boot).astype(float)
 
 
+def _no_spread(samples: list[Sample]) -> bool:
+    """One run of a score that has no per-prompt parts (one value): resampling it gives a point, not an
+    interval."""
+    return len(samples) < 2 and all(len(s.values) == 1 for s in samples)
+
+
 def boot_mean(samples: list[Sample], n_boot: int = N_BOOT, seed: int = BOOT_SEED, key=(),
               scale: float = 100.0) -> tuple[float, float] | None:
     """The bootstrap 95% interval of the mean over runs (x ``scale``)."""
     samples = [s for s in samples if s is not None and len(s.values)]
-    if not samples:
+    if not samples or _no_spread(samples):
         return None
     rng = _rng(seed, "mean", *key)
     shared = _aligned(samples) or _same_unknown_prompts(samples)
@@ -157,6 +164,10 @@ def boot_diff(a: list[Sample], b: list[Sample], n_boot: int = N_BOOT, seed: int 
     b = [s for s in b if s is not None and len(s.values)]
     if not a or not b:
         return None
+    if _no_spread(a) or _no_spread(b):  # the interval would be a point, and "distinguishable" always true
+        diff = scale * (float(np.mean([s.values.mean() for s in a])) - float(np.mean([s.values.mean() for s in b])))
+        return {"diff": round(diff, 3), "ci": None, "distinguishable": None, "paired_prompts": False,
+                "note": "a score without per-prompt parts from a single run has no interval"}
     rng = _rng(seed, "diff", *key)
     paired = _aligned(a + b)
     weights = _shared_weights(len(a[0].values), rng, n_boot) if paired else None
