@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align quickstart orders orders-bf16 grid6 adaptive t5 t10 capacity protect random-basis parts refresh categories example compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart orders orders-bf16 grid6 adaptive t5 t10 eight capacity protect random-basis parts refresh categories example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
@@ -83,7 +83,18 @@ for stage in $STAGES; do
     example)   # SafeAnchor in a user's own TRL SFTTrainer script, and the same script without it
                .venv/bin/python examples/sft_with_safeanchor.py --output_dir runs/example-safeanchor --max_steps 30 --domain medical
                .venv/bin/python examples/sft_with_safeanchor.py --output_dir runs/example-plain --max_steps 30 --domain medical --no-safeanchor ;;
-    compare)   # all eight methods, two seeds, two runs at a time
+    eight)     # the six baselines on the current base (seed 0; Standard and SafeAnchor are the grid's M -> L -> C runs), then GCG after code for all eight and the base
+               for m in safegrad interleave ewc vaccine olora safelora; do
+                 $SA run --preset quickstart --method $m --seed 0 --out runs/eight/$m-seed0
+               done
+               for r in runs/grid6/standard-medical_legal_code-seed0 runs/grid6/safeanchor-medical_legal_code-seed0 runs/eight/*-seed0; do
+                 $SA eval --run $r --tasks gcg --steps last --set gcg.preset=cpu --limit 8
+               done
+               $SA eval --model runs/grid6/standard-medical_legal_code-seed0/base_model --tasks gcg --set gcg.preset=cpu \
+                 --limit 8 --out runs/eight/gcg-base
+               $SA compare runs/grid6/standard-medical_legal_code-seed0 runs/grid6/safeanchor-medical_legal_code-seed0 \
+                 runs/eight/*-seed0 --out runs/eight-cmp ;;
+    compare)   # all eight methods, two seeds, two runs at a time (the previous base's table)
                $SA run --preset quickstart --method $METHODS --seed 0 --jobs 2 --out runs/compare
                $SA run --preset quickstart --method $METHODS --seed 1 --jobs 2 --out runs/compare
                $SA compare runs/compare/*-seed* --out runs/compare ;;
