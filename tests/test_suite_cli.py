@@ -146,7 +146,7 @@ def test_eval_run_on_an_unaligned_run_uses_the_runs_model(tmp_path, offline_data
         cli.run_base_model(run_dir, {"base_model_dir": None})
 
 
-def test_eval_run_steps_last_default_out_and_added_tasks(tmp_path, offline_data):
+def test_eval_run_steps_last_default_out_and_added_tasks(tmp_path, offline_data, capsys):
     """--steps last evaluates the final adapter alone into RUN/suite (where compare looks); a second call with
     another task adds it to the same folder, keeping the first task's numbers; --steps with a name evaluates that
     step and the trajectory keeps both; an unknown step name or --steps without --run is an error before any
@@ -171,6 +171,12 @@ def test_eval_run_steps_last_default_out_and_added_tasks(tmp_path, offline_data)
     merged = json.loads((suite / "1-tiny-arith" / "metrics.json").read_text())
     assert set(merged["tasks"]) == {"truthfulqa", "bbq"} and merged["tasks"]["truthfulqa"] == first
     assert merged["limits"]["truthfulqa"]["limit"] == 1 and merged["limits"]["bbq"]["limit"] == 2
+    # the kept task is named, with the settings it ran with, not silently skipped
+    err = capsys.readouterr().err
+    assert "truthfulqa: kept from an earlier call (limit 1, seed 0" in err and "limit 2" in err
+    assert "bbq: kept" not in err
+    assert cli.run_eval(args(tmp_path, run=str(run_dir), tasks="bbq", limit=2, out=None, steps="last")) == 0
+    assert "kept" not in capsys.readouterr().err  # the same settings: nothing to say
     assert not (suite / "1-tiny-arith" / "metrics.previous.json").exists()
     assert cli.run_eval(args(tmp_path, run=str(run_dir), tasks="truthfulqa", limit=1, out=None, steps="base")) == 0
     traj = json.loads((suite / "trajectory.json").read_text())

@@ -202,11 +202,30 @@ def missing_tasks(done: dict | None, tasks: list[str]) -> list[str]:
     return todo
 
 
+def kept_with_other_settings(done: dict | None, tasks: list[str], limit, seed, options: dict) -> list[str]:
+    """Lines naming the tasks of ``tasks`` that a step folder already holds from a call with another
+    --limit, --seed or --set: those are kept, not measured again, and the user is told so."""
+    if done is None:
+        return []
+    lines = []
+    for t in tasks:
+        if t == "composite" or t not in done.get("tasks", {}) or "error" in done["tasks"][t]:
+            continue
+        ran = done.get("limits", {}).get(t) or {"limit": done.get("limit"), "seed": done.get("seed")}
+        old_opts = (done.get("options") or {}).get(t, {})
+        if ran.get("limit") != limit or ran.get("seed") != seed or old_opts != options.get(t, {}):
+            lines.append(f"{t}: kept from an earlier call (limit {ran.get('limit')}, seed {ran.get('seed')}, options "
+                         f"{old_opts or {}}), not measured again with limit {limit}, seed {seed}, options "
+                         f"{options.get(t, {}) or {}}; pass another --out to measure it with these settings")
+    return lines
+
+
 def merge_reports(folder: Path, done: dict, new: dict) -> dict:
     """metrics.json of a step folder = the earlier report with the new tasks' results added (each task keeps
     the limit and seed it ran with, under ``limits``), summary.md rewritten; metrics.previous.json removed."""
     merged = {**done, "tasks": {**done.get("tasks", {}), **new["tasks"]},
               "seconds": {**done.get("seconds", {}), **new.get("seconds", {})},
+              "options": {**(done.get("options") or {}), **(new.get("options") or {})},
               "limits": {**{t: {"limit": done.get("limit"), "seed": done.get("seed")} for t in done.get("tasks", {})},
                          **done.get("limits", {}),
                          **{t: {"limit": new.get("limit"), "seed": new.get("seed")} for t in new["tasks"]}}}
@@ -254,6 +273,8 @@ def _eval_run(args) -> int:
         folder = out / f"{k}-{step['after']}"
         done = step_report(folder)
         todo = missing_tasks(done, tasks)
+        for line in kept_with_other_settings(done, tasks, args.limit, args.seed, parse_sets(args.set)):
+            print(f"safeanchor: {folder.name}: {line}", file=sys.stderr)
         if todo:
             adapter = str(run_dir / step["adapter"]) if step.get("adapter") else None
             model, tokenizer = load_for_eval(base, adapter, args.device, args.dtype)
