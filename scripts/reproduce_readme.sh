@@ -93,7 +93,13 @@ for stage in $STAGES; do
                $SA eval --model runs/grid6/standard-medical_legal_code-seed0/base_model --tasks gcg --set gcg.preset=cpu \
                  --limit 8 --out runs/eight/gcg-base
                $SA compare runs/grid6/standard-medical_legal_code-seed0 runs/grid6/safeanchor-medical_legal_code-seed0 \
-                 runs/eight/*-seed0 --out runs/eight-cmp ;;
+                 runs/eight/*-seed0 --out runs/eight-cmp
+               # 16 prompts for the two leaders, resuming from their 8 finished attacks
+               for r in runs/grid6/safeanchor-medical_legal_code-seed0 runs/eight/safegrad-seed0; do
+                 m=$(basename $r | cut -d- -f1); mkdir -p runs/eight/gcg16/$m/3-code/gcg
+                 cp $r/suite/3-code/gcg/records.jsonl runs/eight/gcg16/$m/3-code/gcg/
+                 $SA eval --run $r --tasks gcg --steps last --set gcg.preset=cpu --limit 16 --out runs/eight/gcg16/$m
+               done ;;
     compare)   # all eight methods, two seeds, two runs at a time (the previous base's table)
                $SA run --preset quickstart --method $METHODS --seed 0 --jobs 2 --out runs/compare
                $SA run --preset quickstart --method $METHODS --seed 1 --jobs 2 --out runs/compare
