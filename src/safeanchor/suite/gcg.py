@@ -356,12 +356,13 @@ def load_goals(source: str) -> tuple[list[str], tuple[str, str]]:
 def fingerprint(model) -> list[float]:
     """[sum, sum of squares] of all the model's parameters in float64: equal for the same weights, different
     for another checkpoint or adapter (what ``resumable`` compares)."""
-    with torch.no_grad():
+    with torch.no_grad():  # float64 in chunks of 2^24 values: a 7B embedding is never copied whole (1 GB)
         total = squares = 0.0
         for p in model.parameters():
-            x = p.detach().double()
-            total += float(x.sum())
-            squares += float((x * x).sum())
+            for chunk in p.detach().reshape(-1).split(1 << 24):
+                x = chunk.double()
+                total += float(x.sum())
+                squares += float((x * x).sum())
     return [total, squares]
 
 
