@@ -164,8 +164,8 @@ def boot_diff(a: list[Sample], b: list[Sample], n_boot: int = N_BOOT, seed: int 
     b = [s for s in b if s is not None and len(s.values)]
     if not a or not b:
         return None
+    diff = scale * (float(np.mean([s.values.mean() for s in a])) - float(np.mean([s.values.mean() for s in b])))
     if _no_spread(a) or _no_spread(b):  # the interval would be a point, and "distinguishable" always true
-        diff = scale * (float(np.mean([s.values.mean() for s in a])) - float(np.mean([s.values.mean() for s in b])))
         return {"diff": round(diff, 3), "ci": None, "distinguishable": None, "paired_prompts": False,
                 "note": "a score without per-prompt parts from a single run has no interval"}
     rng = _rng(seed, "diff", *key)
@@ -173,7 +173,6 @@ def boot_diff(a: list[Sample], b: list[Sample], n_boot: int = N_BOOT, seed: int 
     weights = _shared_weights(len(a[0].values), rng, n_boot) if paired else None
     reps = (_replicates(a, rng, n_boot, weights) - _replicates(b, rng, n_boot, weights)) * scale
     lo, hi = (float(x) for x in np.percentile(reps, [50 * (1 - LEVEL), 50 * (1 + LEVEL)]))
-    diff = scale * (float(np.mean([s.values.mean() for s in a])) - float(np.mean([s.values.mean() for s in b])))
     return {"diff": round(diff, 3), "ci": [round(lo, 3), round(hi, 3)], "distinguishable": not (lo <= 0.0 <= hi),
             "paired_prompts": paired}
 

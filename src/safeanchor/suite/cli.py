@@ -202,15 +202,12 @@ def missing_tasks(done: dict | None, tasks: list[str]) -> list[str]:
     return todo
 
 
-def kept_with_other_settings(done: dict | None, tasks: list[str], limit, seed, options: dict) -> list[str]:
-    """Lines naming the tasks of ``tasks`` that a step folder already holds from a call with another
-    --limit, --seed or --set: those are kept, not measured again, and the user is told so."""
-    if done is None:
-        return []
+def kept_with_other_settings(done: dict, kept: list[str], limit, seed, options: dict) -> list[str]:
+    """Lines naming the tasks of ``kept`` (asked for, but already in the step folder's report ``done``:
+    not in ``missing_tasks``) that ran with another --limit, --seed or --set: they are not measured again,
+    and the user is told so."""
     lines = []
-    for t in tasks:
-        if t == "composite" or t not in done.get("tasks", {}) or "error" in done["tasks"][t]:
-            continue
+    for t in kept:
         ran = done.get("limits", {}).get(t) or {"limit": done.get("limit"), "seed": done.get("seed")}
         old_opts = (done.get("options") or {}).get(t, {})
         if ran.get("limit") != limit or ran.get("seed") != seed or old_opts != options.get(t, {}):
@@ -267,13 +264,15 @@ def _eval_run(args) -> int:
     base = run_base_model(run_dir, results)
     tasks = parse_tasks(args.tasks or DEFAULT_TASKS)
     chosen = select_steps(results["steps"], getattr(args, "steps", "all"), run_dir)
+    sets = parse_sets(args.set)
     judge = get_judge(args.judge)
     rows = []
     for k, step in chosen:
         folder = out / f"{k}-{step['after']}"
         done = step_report(folder)
         todo = missing_tasks(done, tasks)
-        for line in kept_with_other_settings(done, tasks, args.limit, args.seed, parse_sets(args.set)):
+        kept = [t for t in tasks if t not in todo and t != "composite"] if done is not None else []
+        for line in kept_with_other_settings(done, kept, args.limit, args.seed, sets):
             print(f"safeanchor: {folder.name}: {line}", file=sys.stderr)
         if todo:
             adapter = str(run_dir / step["adapter"]) if step.get("adapter") else None
@@ -281,7 +280,7 @@ def _eval_run(args) -> int:
             if done is not None:  # kept until the new tasks are merged in (evaluate rewrites metrics.json)
                 (folder / "metrics.previous.json").write_text(json.dumps(done, indent=2, default=str))
             report = evaluate(model, tokenizer, todo, folder, judge=judge, limit=args.limit, seed=args.seed,
-                              options=parse_sets(args.set), meta={"model": base, "adapter": adapter,
+                              options=sets, meta={"model": base, "adapter": adapter,
                                                                   "run": str(run_dir), "after": step["after"]})
             del model
             if done is not None:

@@ -381,13 +381,17 @@ def resumable(path: Path, model_id: list[float], chosen: list[tuple[int, str]], 
 
     try:
         old = read_jsonl(path)
-    except (SafeAnchorError, ValueError):
+    except (SafeAnchorError, ValueError) as exc:
+        print(f"{path}: unreadable ({exc}); attacking every prompt afresh")
         return {}
     keep = {r["id"]: r for r in old
             if r.get("id") in goals and r.get("prompt") == goals[r["id"]] and r.get("target") == target_for(r["prompt"])
             and r.get("config") == configs[r["id"]] and "suffix_ids" in r and same_model(r)}
     if keep:
         print(f"{path}: resuming, {len(keep)} of {len(chosen)} prompts already attacked on this model")
+    if len(keep) < len(old):
+        print(f"{path}: {len(old) - len(keep)} earlier attack(s) were on other prompts, settings or another model; "
+              f"not reused")
     return {i: {k: v for k, v in r.items() if not k.startswith(("completion_", "label_"))} for i, r in keep.items()}
 
 
@@ -414,7 +418,7 @@ def run(model, tokenizer, *, out_dir: Path, limit: int | None = 100, judge=None,
     model_id = fingerprint(model)
     done = resumable(folder / "records.jsonl", model_id, chosen, configs)
     records = []
-    bar = tqdm(chosen, desc="gcg attack", unit="prompt", initial=0)
+    bar = tqdm(chosen, desc="gcg attack", unit="prompt")
     for i, goal in bar:
         if i in done:  # attacked by an interrupted earlier run of the same model and settings
             records.append(done[i])
