@@ -213,7 +213,7 @@ def test_humaneval_run_samples_like_the_old_loop(tmp_path, monkeypatch, model, t
 
 # ---------------------------------------------------------------- the base's generation cache
 
-def test_generation_cache_reuses_extends_and_keys_by_settings(tmp_path, generated, model, tok):
+def test_generation_cache_reuses_extends_and_keys_by_settings(tmp_path, monkeypatch, generated, model, tok):
     """Cached completions equal fresh ones; a second call generates nothing, a new prompt alone is generated,
     other settings or another dtype miss, a torn file is a miss (regenerated), sampling bypasses the cache."""
     import safeanchor.generation as g
@@ -244,6 +244,15 @@ def test_generation_cache_reuses_extends_and_keys_by_settings(tmp_path, generate
     finally:
         model.to(torch.float32)
     assert calls == [PROMPTS[:2]]
+    # completions of transformers' decoder and of the library's are kept apart (batch-shape round-off)
+    real_decoder = g.decoder_for
+    monkeypatch.setattr(g, "decoder_for", lambda m: "transformers")
+    other = g.GenerationCache(tmp_path / "c", model)
+    assert other.runtime["decoder"] == "transformers" and cache.runtime["decoder"] == "safeanchor"
+    calls.clear()
+    generate(model, tok, PROMPTS[:2], 12, 3, cache=other)
+    assert calls == [PROMPTS[:2]]
+    monkeypatch.setattr(g, "decoder_for", real_decoder)
     for f in (tmp_path / "c").glob("generations-*.json"):
         f.write_text('{"completions": ')  # torn
     calls.clear()

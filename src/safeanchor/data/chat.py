@@ -50,6 +50,14 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def cache_keyword(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` from transformers 5.2x on (which warns about,
+    and will drop, ``past_key_values``), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"
+
+
 def hidden_states(model, batch: dict) -> torch.Tensor:
     lm = causal_lm(model)
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,11 +182,9 @@ class Objective:
             self.target_embeds = self.embed(self.target_ids)[None]
         self._cache, self._caches = None, {}
         if use_prefix_cache:
-            from ..data.chat import causal_lm
+            from ..data.chat import cache_keyword
 
-            # transformers 5.2x renamed the forward argument past_key_values -> cache
-            params = inspect.signature(causal_lm(model).forward).parameters
-            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+            self._cache_arg = cache_keyword(model)
             with torch.no_grad():
                 out = model(inputs_embeds=self.before_embeds, use_cache=True)
             self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
