@@ -136,7 +136,12 @@ def test_generate_uses_the_decoder_only_where_it_is_exact(monkeypatch):
 
 
 def test_decoder_for_refuses_models_it_cannot_decode():
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import MambaConfig, MambaForCausalLM
 
     assert decoder_for(MambaForCausalLM(MambaConfig(num_hidden_layers=1, hidden_size=16, vocab_size=40,
                                                     state_size=4))) == "transformers"
+    prompt_tuned = get_peft_model(_llama(0), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert decoder_for(prompt_tuned) == "transformers"
+    lora = get_peft_model(_llama(0), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    assert decoder_for(lora) == "safeanchor"

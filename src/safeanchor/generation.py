@@ -50,7 +50,8 @@ _GREEDY_NEUTRAL = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_star
 def decoder_for(model) -> str:
     """'safeanchor' when ``greedy_decode`` gives this model's greedy tokens, else 'transformers'
     (``model.generate``): encoder-decoder or non-attention caches (state-space, linear attention), a model
-    class transformers keeps off its dynamic cache, or a generation config with a greedy-relevant entry."""
+    class transformers keeps off its dynamic cache, a PEFT prompt-learning adapter, or a generation config
+    with a greedy-relevant entry."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
@@ -58,6 +59,8 @@ def decoder_for(model) -> str:
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return "transformers"
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return "transformers"  # prompt tuning / prefix tuning put virtual tokens in front of every forward
     supports = getattr(type(base), "_supports_default_dynamic_cache", None)
     if supports is not None and not supports():
         return "transformers"
