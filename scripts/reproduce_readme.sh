@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SA=.venv/bin/safeanchor
-STAGES=${STAGES:-"align quickstart orders orders-bf16 grid6 adaptive t5 t10 eight capacity protect random-basis parts refresh categories example compare ablation spectrum suite overhead"}
+STAGES=${STAGES:-"align quickstart orders orders-bf16 grid6 adaptive t5 t10 eight decoder capacity protect random-basis parts refresh categories example compare ablation spectrum suite overhead"}
 METHODS=standard,safeanchor,safegrad,interleave,ewc,vaccine,olora,safelora
 for stage in $STAGES; do
   case $stage in
@@ -99,7 +99,21 @@ for stage in $STAGES; do
                  m=$(basename $r | cut -d- -f1); mkdir -p runs/eight/gcg16/$m/3-code/gcg
                  cp $r/suite/3-code/gcg/records.jsonl runs/eight/gcg16/$m/3-code/gcg/
                  $SA eval --run $r --tasks gcg --steps last --set gcg.preset=cpu --limit 16 --out runs/eight/gcg16/$m
-               done ;;
+               done
+               # seed 1 (the README's two-seed table; GCG on seed 1 of all but Safe LoRA and Vaccine)
+               for m in safegrad interleave olora ewc safelora vaccine; do
+                 $SA run --preset quickstart --method $m --seed 1 --out runs/eight/$m-seed1
+               done
+               for r in runs/grid6/standard-medical_legal_code-seed1 runs/grid6/safeanchor-medical_legal_code-seed1 \
+                        runs/eight/{safegrad,interleave,olora,ewc}-seed1; do
+                 $SA eval --run $r --tasks gcg --steps last --set gcg.preset=cpu --limit 8
+               done
+               $SA compare runs/grid6/{standard,safeanchor}-medical_legal_code-seed{0,1} runs/eight/*-seed{0,1} \
+                 --out runs/eight2-cmp ;;
+    decoder)   # the greedy decoder's benchmark, then one SafeAnchor run (the old-code run needs a checkout of 8fbe322)
+               .venv/bin/python benchmarks/greedy_decoder.py --threads 1 \
+                 --adapter runs/grid6/standard-medical_legal_code-seed0/adapters/3-code
+               $SA run --preset quickstart --method safeanchor --seed 0 --out runs/decoder/new-safeanchor-seed0 ;;
     compare)   # all eight methods, two seeds, two runs at a time (the previous base's table)
                $SA run --preset quickstart --method $METHODS --seed 0 --jobs 2 --out runs/compare
                $SA run --preset quickstart --method $METHODS --seed 1 --jobs 2 --out runs/compare

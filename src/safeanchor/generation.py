@@ -148,6 +148,7 @@ def greedy_decode(model, rows: Sequence[Sequence[int]], max_new_tokens: int, eos
                        **pass_cache).logits[:, -1]
     return out
 
+
 def encode_prompts(tokenizer, prompts: Sequence, chat: bool = True, add_special_tokens: bool = False
                    ) -> list[list[int]]:
     """Token ids of every prompt (module docstring: chat-template string, raw string or ids)."""
