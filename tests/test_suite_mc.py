@@ -116,13 +116,13 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(tok, monkeypatch):
     reqs = [mc.Request(primer + "Q: Capital of Italy?\nA:", c) for c in (" Rome", " Milan", " Turin, of course")]
     reqs += [mc.Request(primer + "Q: Largest ocean?\nA:", c) for c in (" Pacific", " Atlantic")]
     calls = []
-    real = mc._prefix_cache
+    real = mc.prefix_cache
     def spy(model, prefix, batch, device):
         cache = real(model, prefix, batch, device)
         calls.append((len(prefix), cache is not None))
         return cache
 
-    monkeypatch.setattr(mc, "_prefix_cache", spy)
+    monkeypatch.setattr(mc, "prefix_cache", spy)
     got = mc.loglikelihoods(model, tok, reqs, batch_size=4)
     want = [reference_ll(model, tok, r.context, r.continuation) for r in reqs]
     assert [g for g, _ in got] == pytest.approx(want, abs=1e-4)

@@ -75,11 +75,60 @@ def decoder_for(model) -> str:
     return "safeanchor"
 
 
-def _accepts(model, name: str) -> bool:
-    import inspect
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token-id rows, left-padded to the longest (CPU tensors)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
 
-    params = inspect.signature(causal_lm(model).forward).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+def common_prefix(rows: Sequence[Sequence[int]], cap: int) -> int:
+    """How many leading tokens every row shares, at most ``cap``."""
+    n = 0
+    while n < cap and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+def prefix_cache(model, prefix: list[int], batch: int, device):
+    """(forward keyword, KV cache of ``prefix`` repeated for ``batch`` rows), or None when the model
+    returns no usable cache. transformers >= 5.2x names it ``cache`` (in and out), older versions
+    ``past_key_values``: the keyword follows the name the output used."""
+    ids = torch.tensor([prefix], device=device)
+    try:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    except TypeError:
+        try:
+            out = model(input_ids=ids, use_cache=True)
+        except TypeError:
+            return None
+    keys = set(out.keys()) if hasattr(out, "keys") else set(vars(out))
+    name = "cache" if "cache" in keys else "past_key_values" if "past_key_values" in keys else None
+    cache = getattr(out, name) if name else None
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(batch)
+    return name, cache
+
+
+def tail_logits(model, ids, mask, keep: int, past=None, offset: int = 0) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of a left-padded batch (explicit position ids), optionally
+    continuing a cached prefix of ``offset`` tokens (``past`` = (keyword, cache))."""
+    pos = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": past is not None}
+    if past is not None:
+        ones = torch.ones(mask.shape[0], offset, dtype=mask.dtype, device=mask.device)
+        kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
+        kwargs[past[0]] = past[1]
+    try:
+        logits = model(**kwargs, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: full logits, then the tail
+        logits = model(**kwargs).logits
+    return logits[:, -keep:].float()
 
 
 @torch.no_grad()
@@ -104,33 +153,19 @@ def greedy_decode(model, rows: Sequence[Sequence[int]], max_new_tokens: int, eos
     out: list[list[int]] = [[] for _ in range(n)]
     if n == 0 or max_new_tokens < 1:
         return out
-    cache = DynamicCache(config=config)
-    pass_cache = {cache_keyword(model): cache, "use_cache": True}
-    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    shared = 0
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        limit = min(len(r) for r in rows) - 1
-        while shared < limit and all(r[shared] == rows[0][shared] for r in rows):
-            shared += 1
-    if shared:
-        prefix = torch.tensor([list(rows[0][:shared])], device=device)
-        model(input_ids=prefix, attention_mask=torch.ones_like(prefix), **pass_cache, **keep_last)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-    rest = [list(r[shared:]) for r in rows]
-    width = max(len(r) for r in rest)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    rest_mask = torch.zeros((n, width), dtype=torch.long)
-    for i, r in enumerate(rest):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        rest_mask[i, width - len(r):] = 1
-    mask = torch.cat([torch.ones((n, shared), dtype=torch.long), rest_mask], 1).to(device)
-    positions = (shared + rest_mask.cumsum(-1) - 1).masked_fill(rest_mask == 0, 1).to(device)
-    logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, **pass_cache,
-                   **keep_last).logits[:, -1]
+    sliding = any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)
+    shared = 0 if sliding or n < 2 else common_prefix(rows, min(len(r) for r in rows) - 1)
+    past = prefix_cache(model, list(rows[0][:shared]), n, device) if shared else None
+    if past is None:
+        shared, past = 0, (cache_keyword(model), DynamicCache(config=config))
+    ids, rest_mask = left_padded([r[shared:] for r in rows], pad_id)
+    ids, rest_mask = ids.to(device), rest_mask.to(device)
+    logits = tail_logits(model, ids, rest_mask, 1, past, shared)[:, -1]
+    name, cache = past
+    mask = torch.cat([rest_mask.new_ones((n, shared)), rest_mask], 1)
+    last = shared + rest_mask.sum(-1, keepdim=True) - 1  # the position of each row's last token
     alive = torch.arange(n)
     stop = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=torch.long, device=device)
-    last = positions[:, -1:]
     for step in range(max_new_tokens):
         token = logits.argmax(-1)
         for row, t in zip(alive.tolist(), token.tolist()):
@@ -144,8 +179,8 @@ def greedy_decode(model, rows: Sequence[Sequence[int]], max_new_tokens: int, eos
             alive, token, mask, last = alive[keep.cpu()], token[keep], mask[keep], last[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
         last = last + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=last,
-                       **pass_cache).logits[:, -1]
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=last, use_cache=True,
+                       **{name: cache}).logits[:, -1]
     return out
 
 
@@ -251,12 +286,8 @@ def generate_samples(model, tokenizer, prompts: Sequence, num_return_sequences: 
                         text = tokenizer.decode(tokens, skip_special_tokens=True)
                         out[i].append(text.strip() if strip else text)
                     continue
-                width = max(len(encoded[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                    mask[row, width - len(encoded[i]):] = 1
+                ids, mask = left_padded([encoded[i] for i in idx], pad)
+                width = ids.shape[1]
                 extra = {"num_return_sequences": m} if sample else {}
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options, **extra)
                 for row in range(gen.shape[0]):  # transformers repeats each input m times in a row

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SafeAnchorError
+from ..generation import common_prefix, left_padded, prefix_cache, tail_logits
 
 
 @dataclass(frozen=True)
@@ -58,29 +59,6 @@ def _max_length(model) -> int:
     return 2048
 
 
-def _tail_logits(model, ids, mask, keep: int, past=None, offset: int = 0) -> torch.Tensor:
-    """Logits of the last ``keep`` positions of a left-padded batch (explicit position ids), optionally
-    continuing a cached prefix of ``offset`` tokens (``past`` = (keyword, cache))."""
-    pos = offset + (mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": past is not None}
-    if past is not None:
-        ones = torch.ones(mask.shape[0], offset, dtype=mask.dtype, device=mask.device)
-        kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
-        kwargs[past[0]] = past[1]
-    try:
-        logits = model(**kwargs, logits_to_keep=keep).logits
-    except TypeError:  # a model without logits_to_keep: full logits, then the tail
-        logits = model(**kwargs).logits
-    return logits[:, -keep:].float()
-
-
-def _common_prefix(rows: list[list[int]], cap: int) -> int:
-    n = 0
-    while n < cap and all(r[n] == rows[0][n] for r in rows):
-        n += 1
-    return n
-
-
 def _plan_batches(rows: list[list[int]], keep: list[int], batch_size: int) -> list[list[int]]:
     """Row indices in lexicographic order, cut into batches that share long prefixes. A row joins the
     current batch (of n rows, common prefix L) when the batch stays within ``batch_size`` and the
@@ -92,7 +70,7 @@ def _plan_batches(rows: list[list[int]], keep: list[int], batch_size: int) -> li
         if batches and len(batches[-1]) < batch_size:
             first = batches[-1][0]
             cap = min(common, len(rows[j]) - keep[j])
-            shared = _common_prefix([rows[first], rows[j]], cap)
+            shared = common_prefix([rows[first], rows[j]], cap)
             if len(batches[-1]) * (common - shared) < shared:
                 batches[-1].append(j)
                 common = shared
@@ -102,44 +80,17 @@ def _plan_batches(rows: list[list[int]], keep: list[int], batch_size: int) -> li
     return batches
 
 
-def _prefix_cache(model, prefix: list[int], batch: int, device):
-    """(forward keyword, KV cache of ``prefix`` repeated for ``batch`` rows), or None when the model
-    returns no usable cache. transformers >= 5.2x names it ``cache`` (in and out), older versions
-    ``past_key_values``: the keyword follows the name the output used."""
-    ids = torch.tensor([prefix], device=device)
-    try:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    except TypeError:
-        try:
-            out = model(input_ids=ids, use_cache=True)
-        except TypeError:
-            return None
-    keys = set(out.keys()) if hasattr(out, "keys") else set(vars(out))
-    name = "cache" if "cache" in keys else "past_key_values" if "past_key_values" in keys else None
-    cache = getattr(out, name) if name else None
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    cache.batch_repeat_interleave(batch)
-    return name, cache
-
-
 def _batch_logits(model, rows: list[list[int]], keep: list[int], pad: int, device, min_prefix: int):
     """Last max(keep) logits of each row. Rows sharing a long token prefix (a few-shot primer, the
     question before its choices) compute it once and continue from its KV cache."""
     k = max(keep)
     cap = min(len(r) - kp for r, kp in zip(rows, keep))  # the scored positions stay out of the prefix
-    offset = _common_prefix(rows, cap) if len(rows) > 1 else 0
-    past = _prefix_cache(model, rows[0][:offset], len(rows), device) if offset >= min_prefix else None
+    offset = common_prefix(rows, cap) if len(rows) > 1 else 0
+    past = prefix_cache(model, rows[0][:offset], len(rows), device) if offset >= min_prefix else None
     if past is None:
         offset = 0
-    width = max(len(r) - offset for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        tail = r[offset:]
-        ids[b, width - len(tail):] = torch.tensor(tail)
-        mask[b, width - len(tail):] = 1
-    return _tail_logits(model, ids.to(device), mask.to(device), k, past, offset)
+    ids, mask = left_padded([r[offset:] for r in rows], pad)
+    return tail_logits(model, ids.to(device), mask.to(device), k, past, offset)
 
 
 @torch.no_grad()
