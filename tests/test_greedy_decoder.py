@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from conftest import eager64
 
 from safeanchor import generation
 from safeanchor.generation import decoder_for, generate, greedy_decode
@@ -31,12 +32,12 @@ def _llama(seed):
     return _build(LlamaConfig, LlamaForCausalLM, seed, num_attention_heads=4, num_key_value_heads=2)
 
 
-def _gemma2(seed):
-    """Sliding-window layers (window 5, shorter than the sequences) and logit soft-capping."""
+def _gemma2(seed, window=5):
+    """Sliding-window layers (by default window 5, shorter than the sequences) and logit soft-capping."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     return _build(Gemma2Config, Gemma2ForCausalLM, seed, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                  sliding_window=5, final_logit_softcapping=3.0, attn_implementation="eager")
+                  sliding_window=window, final_logit_softcapping=3.0, attn_implementation=eager64())
 
 
 def _qwen2(seed):
@@ -54,6 +55,7 @@ def _reference(model, rows, max_new_tokens, eos, pad):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all(), "the reference's logits are NaN"
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                              eos_token_id=list(eos), pad_token_id=pad, temperature=None, top_p=None, top_k=None)
     out = []
@@ -113,6 +115,38 @@ def test_rows_leave_the_batch_and_the_shared_prefix_runs_once(monkeypatch):
     stopped = [next((k for k, t in enumerate(g) if t in eos), None) for g in got]
     for step, b in enumerate(batch, start=1):  # forward for step `step` runs on the rows not stopped before it
         assert b == sum(1 for s in stopped if s is None or s >= step), f"seed {seed}: step {step} batch {b}"
+
+
+@pytest.mark.parametrize("window, shares", [(5, False), (64, True)])
+def test_prefix_is_shared_under_a_sliding_window_only_when_everything_fits_in_it(monkeypatch, window, shares):
+    """Padding between the shared prefix and a row takes cache places a sliding window counts: the prefix is
+    shared only when prompt plus new tokens fit the smallest window (64 here). Either way the rows' first logits
+    equal each row's own unpadded forward (random models' greedy tokens alone are too repetitive to show it),
+    and the tokens are greedy's."""
+    seed = _fresh_seed()
+    model = _gemma2(seed, window)
+    rows, rng = _case(seed, 6)
+    prefix = rows[0][:6]
+    rows = [prefix + [rng.randrange(3, 97) for _ in range(2)], prefix + [rng.randrange(3, 97) for _ in range(8)]]
+    # 6 padding places after the prefix in the first row: they would take most of a 5-token window
+    shapes, first = [], []
+    forward = type(model).forward
+
+    def spy(self, input_ids=None, **kw):
+        out = forward(self, input_ids=input_ids, **kw)
+        shapes.append(tuple(input_ids.shape))
+        if input_ids.shape[0] == len(rows) and not first:
+            first.append(out.logits[:, -1])
+        return out
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    got = greedy_decode(model, rows, 10, [], 0)
+    monkeypatch.undo()
+    with torch.no_grad():
+        alone = torch.stack([model(input_ids=torch.tensor([r])).logits[0, -1] for r in rows])
+    torch.testing.assert_close(first[0], alone, rtol=0, atol=1e-5, msg=lambda m: f"seed {seed}: window {window}: {m}")
+    assert got == _reference(model, rows, 10, set(), 0), f"seed {seed}: window {window}"
+    assert (shapes[0] == (1, 6)) is shares, f"seed {seed}: window {window}, forwards {shapes}"
 
 
 def test_generate_uses_the_decoder_only_where_it_is_exact(monkeypatch):

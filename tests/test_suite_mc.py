@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import eager64
 
 from safeanchor.errors import SafeAnchorError
 from safeanchor.models import tiny_model, tiny_tokenizer
@@ -127,6 +128,33 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(tok, monkeypatch):
     want = [reference_ll(model, tok, r.context, r.continuation) for r in reqs]
     assert [g for g, _ in got] == pytest.approx(want, abs=1e-4)
     assert calls and calls[0][0] >= len(primer) and calls[0][1]  # a cache of at least the primer was used
+
+
+@pytest.mark.parametrize("window, shares", [(16, False), (512, True)])
+def test_shared_prefix_under_a_sliding_window(tok, monkeypatch, window, shares):
+    """Gemma-2 (float64, fresh weights): padding after a shared prefix would take places a sliding window counts,
+    so the prefix is shared only when the rows fit the smallest window; the scores equal the unpadded
+    reference either way. Window 16: longer than the padding (12 tokens), shorter than the rows (62-74)."""
+    import random
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    seed = random.SystemRandom().randrange(1 << 30)
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=window,
+                       max_position_embeddings=512, initializer_range=0.3, attn_implementation=eager64(),
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = Gemma2ForCausalLM(cfg).double().eval()
+    primer = "Q: What is one plus one?\nA: Two.\n\nQ: Capital of Italy?\nA:"
+    reqs = [mc.Request(primer, c) for c in (" Rome", " Milan, of course", " Turin")]
+    calls = []
+    real = mc.prefix_cache
+    monkeypatch.setattr(mc, "prefix_cache", lambda *a: calls.append(len(a[1])) or real(*a))
+    got = mc.loglikelihoods(model, tok, reqs, batch_size=3, min_prefix=4)
+    want = [reference_ll(model, tok, r.context, r.continuation) for r in reqs]
+    assert [g for g, _ in got] == pytest.approx(want, rel=1e-6, abs=1e-5), f"seed {seed}: window {window}"
+    assert bool(calls) is shares, f"seed {seed}: window {window}, prefix caches of {calls}"
 
 
 def test_greedy_flag(tok):

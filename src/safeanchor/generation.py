@@ -94,6 +94,19 @@ def common_prefix(rows: Sequence[Sequence[int]], cap: int) -> int:
     return n
 
 
+def prefix_fits_windows(config, length: int) -> bool:
+    """Whether a cache laid out as [shared prefix][padding][row] over ``length`` positions in all attends
+    as the unpadded row would. Padding in the middle of the cache takes places that a sliding-window layer
+    counts (and trims), so it is safe only when no layer has a window or ``length`` fits the smallest."""
+    from transformers import DynamicCache, PretrainedConfig
+
+    if not isinstance(config, PretrainedConfig):
+        return True  # not a transformers model: it builds no sliding-window cache layers
+    windows = [getattr(layer, "sliding_window", None) for layer in DynamicCache(config=config).layers]
+    windows = [int(w) for w in windows if w]
+    return not windows or length <= min(windows)
+
+
 def prefix_cache(model, prefix: list[int], batch: int, device):
     """(forward keyword, KV cache of ``prefix`` repeated for ``batch`` rows), or None when the model
     returns no usable cache. transformers >= 5.2x names it ``cache`` (in and out), older versions
@@ -141,11 +154,10 @@ def greedy_decode(model, rows: Sequence[Sequence[int]], max_new_tokens: int, eos
       its KV cache is repeated for the batch; the rest of each row follows it left-padded. The batch's
       cache holds [prefix][padding][row's rest], the attention mask hides the padding and position ids count
       real tokens only, so every row attends to exactly what a left-padded batch lets it (skipped when a
-      layer has a sliding window: padding inside the window would shift it).
+      layer's sliding window is shorter than the whole: padding inside the window would shift it).
     - A row leaves the batch (``Cache.batch_select_indices``) the step it emits a stop token.
     The numbers differ from ``model.generate``'s in batch-shape round-off only, as between batch sizes."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     device = next(model.parameters()).device
     config = causal_lm(model).config
@@ -153,8 +165,9 @@ def greedy_decode(model, rows: Sequence[Sequence[int]], max_new_tokens: int, eos
     out: list[list[int]] = [[] for _ in range(n)]
     if n == 0 or max_new_tokens < 1:
         return out
-    sliding = any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)
-    shared = 0 if sliding or n < 2 else common_prefix(rows, min(len(r) for r in rows) - 1)
+    shared = 0 if n < 2 else common_prefix(rows, min(len(r) for r in rows) - 1)
+    if shared and not prefix_fits_windows(config, max(len(r) for r in rows) + max_new_tokens):
+        shared = 0
     past = prefix_cache(model, list(rows[0][:shared]), n, device) if shared else None
     if past is None:
         shared, past = 0, (cache_keyword(model), DynamicCache(config=config))
