@@ -46,8 +46,9 @@ def _qwen2(seed):
     return _build(Qwen2Config, Qwen2ForCausalLM, seed, num_attention_heads=4, num_key_value_heads=2)
 
 
-def _reference(model, rows, max_new_tokens, eos, pad):
-    """REFERENCE: transformers' greedy search on the left-padded batch, cut after the first stop token."""
+def _reference(model, rows, max_new_tokens, eos, pad, logits=None):
+    """REFERENCE: transformers' greedy search on the left-padded batch, cut after the first stop token.
+    ``logits``, a list, receives the logits each step's tokens were chosen from (batch x vocab per step)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -57,7 +58,11 @@ def _reference(model, rows, max_new_tokens, eos, pad):
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all(), "the reference's logits are NaN"
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=list(eos), pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+                             eos_token_id=list(eos), pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+                             return_dict_in_generate=True, output_logits=True)
+    if logits is not None:
+        logits.extend(gen.logits)
+    gen = gen.sequences
     out = []
     for g in gen[:, width:].tolist():
         cut = next((k for k, t in enumerate(g) if t in eos), None)
@@ -82,11 +87,32 @@ def test_greedy_decode_gives_transformers_greedy_tokens(arch, shared_len):
     free = _reference(model, rows, 12, set(), 0)
     emitted = [t for g in free for t in g[1:6]]
     eos = {rng.choice(emitted), rng.choice(emitted)}
-    want = _reference(model, rows, 12, eos, 0)
-    got = greedy_decode(model, rows, 12, sorted(eos), 0)
+    steps = []
+    want = _reference(model, rows, 12, eos, 0, steps)
+    seen = []
+    forward = type(model).forward
+
+    def spy(self, input_ids=None, **kw):
+        out = forward(self, input_ids=input_ids, **kw)
+        seen.append(out.logits[:, -1])
+        return out
+
+    type(model).forward = spy
+    try:
+        got = greedy_decode(model, rows, 12, sorted(eos), 0)
+    finally:
+        type(model).forward = forward
     assert got == want, f"seed {seed}: greedy_decode differs from model.generate"
     assert any(len(g) < 12 for g in want), f"seed {seed}: no row stopped early, the case tests too little"
     assert decoder_for(model) == "safeanchor"
+    # The logits behind every token, not only their argmax (random models repeat tokens a lot): step k's
+    # forward holds the rows still going, in order. A shared prefix adds one forward in front.
+    n_steps = max(len(g) for g in got)
+    assert len(seen) in (n_steps, n_steps + 1), f"seed {seed}: {len(seen)} forwards for {n_steps} steps"
+    for k, mine in enumerate(seen[len(seen) - n_steps:]):
+        alive = [r for r, g in enumerate(got) if len(g) > k]
+        torch.testing.assert_close(mine.double(), steps[k][alive].double(), rtol=0, atol=1e-5,
+                                   msg=lambda m: f"seed {seed}: step {k} rows {alive}: {m}")
 
 
 def test_rows_leave_the_batch_and_the_shared_prefix_runs_once(monkeypatch):
