@@ -100,12 +100,12 @@ for stage in $STAGES; do
                  cp $r/suite/3-code/gcg/records.jsonl runs/eight/gcg16/$m/3-code/gcg/
                  $SA eval --run $r --tasks gcg --steps last --set gcg.preset=cpu --limit 16 --out runs/eight/gcg16/$m
                done
-               # seed 1 (the README's two-seed table; GCG on seed 1 of all but Safe LoRA and Vaccine)
+               # seed 1 (the README's two-seed table; GCG on seed 1 of every method)
                for m in safegrad interleave olora ewc safelora vaccine; do
                  $SA run --preset quickstart --method $m --seed 1 --out runs/eight/$m-seed1
                done
                for r in runs/grid6/standard-medical_legal_code-seed1 runs/grid6/safeanchor-medical_legal_code-seed1 \
-                        runs/eight/{safegrad,interleave,olora,ewc}-seed1; do
+                        runs/eight/{safegrad,interleave,olora,ewc,safelora,vaccine}-seed1; do
                  $SA eval --run $r --tasks gcg --steps last --set gcg.preset=cpu --limit 8
                done
                $SA compare runs/grid6/{standard,safeanchor}-medical_legal_code-seed{0,1} runs/eight/*-seed{0,1} \
