@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # One method after the other, each with every core (Standard LoRA's table first, then SafeAnchor's, then
-# the comparison; on a 2-core CPU SafeAnchor takes about 1.65x Standard's time, see the README).
+# the comparison; on a 2-core Zen 4 SafeAnchor's work took 2.0x Standard's, see the README).
 # JOBS=2 runs the two at once instead (one thread each).
 exec .venv/bin/safeanchor run --preset quickstart --method "${METHODS:-standard,safeanchor}" --jobs "${JOBS:-1}" \
   --out "${OUT:-runs/quickstart}" "$@"
