@@ -151,7 +151,8 @@ def test_killed_run_resumes_to_identical_results(reference_run, tmp_path, method
 
     def strip(steps):
         return [{k: v for k, v in s.items() if k not in ("eval_seconds", "train")} |
-                {"train": {k: v for k, v in s.get("train", {}).items() if k not in ("seconds", "method_seconds")}}
+                {"train": {k: v for k, v in s.get("train", {}).items()
+                           if k not in ("seconds", "method_seconds", "method_seconds_by_part")}}
                 for s in steps]
 
     assert strip(resumed["steps"]) == strip(json.loads(json.dumps(reference["steps"])))
@@ -185,6 +186,9 @@ def test_base_generations_are_reused_by_the_next_run(tmp_path, monkeypatch, gene
     quiet = lambda *_: None  # noqa: E731
     first = run(load_config("smoke", overrides={**over, "method": "safeanchor"}), tmp_path / "a", progress=quiet)
     n_first = sum(map(len, generated))
+    train = first["steps"][1]["train"]  # where SafeAnchor's after-domain time went: CSM, then the refresh
+    assert set(train["method_seconds_by_part"]) == {"csm", "refresh"} and "seconds" not in first["steps"][1]["method"]
+    assert 0 < sum(train["method_seconds_by_part"].values()) <= train["method_seconds"] + 0.1, train
     generated.clear()
     second = run(load_config("smoke", overrides={**over, "method": "safeanchor", "seed": 1}), tmp_path / "b",
                  progress=quiet)
@@ -199,9 +203,10 @@ def test_base_generations_are_reused_by_the_next_run(tmp_path, monkeypatch, gene
     assert list(cache.glob("generations-*.json"))
     for f in cache.iterdir():
         f.unlink()
-    run(load_config("smoke", overrides={**over, "method": "standard", "eval.base_cache": False}), tmp_path / "c",
-        progress=quiet)
+    third = run(load_config("smoke", overrides={**over, "method": "standard", "eval.base_cache": False}),
+                tmp_path / "c", progress=quiet)
     assert not list(cache.iterdir())
+    assert "method_seconds_by_part" not in third["steps"][1]["train"]  # a method with no after-domain parts
 
 
 def test_a_changed_alignment_artifact_is_merged_again(tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ def _strip(results):
     def step(s):
         s = {k: v for k, v in s.items() if k != "eval_seconds"}
         if "train" in s:
-            s["train"] = {k: v for k, v in s["train"].items() if k not in ("seconds", "method_seconds")}
+            s["train"] = {k: v for k, v in s["train"].items()
+                          if k not in ("seconds", "method_seconds", "method_seconds_by_part")}
         return s
 
     return {"steps": [step(s) for s in results["steps"]], "domains": results["domains"],

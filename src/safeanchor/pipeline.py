@@ -369,6 +369,7 @@ def _domain_stage(ctx: Context, rec: _Recorder, t: int, domain) -> dict:
     t0 = time.time()
     method_rec = method.after_domain(ctx, t, domain.name)
     after_seconds = time.time() - t0
+    parts = method_rec.pop("seconds", None) if isinstance(method_rec, dict) else None
     adapter_rel = f"adapters/{t}-{domain.name}"
     if ctx.dist.is_main:
         method.save_adapter(ctx, ctx.run_dir / adapter_rel)
@@ -376,7 +377,8 @@ def _domain_stage(ctx: Context, rec: _Recorder, t: int, domain) -> dict:
     return {"after": domain.name, **rec.measure(t, domain.name), "adapter": adapter_rel,
             "train": {"steps": steps, "examples": len(examples), "first_loss": history[0]["loss"],
                       "final_loss": history[-1]["loss"], "seconds": round(train_seconds, 1),
-                      "method_seconds": round(after_seconds, 1), "logs": _summarise(history)},
+                      "method_seconds": round(after_seconds, 1), "logs": _summarise(history)}
+            | ({"method_seconds_by_part": {k: round(v, 1) for k, v in parts.items()}} if parts else {}),
             "method": method_rec}
 
 

@@ -34,6 +34,7 @@ steps inside a domain, so the A-block is constrained as soon as B moves (see REA
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -307,6 +308,8 @@ class SafeAnchor(Method):
     def after_domain(self, ctx, t: int, domain: str) -> dict:
         o = self.options
         rec: dict = {}
+        start = time.perf_counter()
+        seconds: dict = {}
         if o.csm:
             settings = RepairSettings.of(o, ctx.cfg.train.lr, ctx.cfg.train.batch_size)
             rec["csm"] = monitor_and_repair(self._monitor(ctx), ctx.model, ctx.tokenizer,
@@ -314,9 +317,13 @@ class SafeAnchor(Method):
                                             self._projected, self._strengths(), settings,
                                             ctx.cfg.train, seed=ctx.cfg.seed, stage=t, dist=ctx.dist,
                                             benign=self._benign_monitor(ctx), lookalikes=self.lookalikes)
+            seconds["csm"] = time.perf_counter() - start
         if o.incremental and o.project != "none":
+            mark = time.perf_counter()
             self._refresh(ctx)
+            seconds["refresh"] = time.perf_counter() - mark
         rec["subspace"] = self.spectrum()
+        rec["seconds"] = seconds  # the pipeline moves it to the step's train.method_seconds_by_part
         return rec
 
     def _repair_data(self, ctx) -> list[dict]:
