@@ -3,6 +3,7 @@ values, the bootstrap against cases with a known answer, the per-method summary 
 ordering invariance, CSM trigger rates, domain cost against Standard) against hand-computed numbers,
 composite safety and the intervals in results.md / comparison.md / comparison.json."""
 import json
+import random
 
 import numpy as np
 import pytest
@@ -297,3 +298,30 @@ def test_compare_ranks_methods_by_gcg_and_benign_refusal(tmp_path):
     assert (sa["rank_gcg"], adv["methods"]["standard"]["rank_gcg"]) == (3.0, 1.0)
     assert adv["spearman_rho"] == 1.0 and adv["p_exact"] == pytest.approx(2 / 6)
     assert "### Adversarial (GCG) against benign refusal" in md and "Spearman's rho between the two rankings: 1.000" in md
+
+
+def test_time_rows_show_each_part_and_the_hand_summed_total():
+    """results.md's seconds table: per step training, the method's after-domain work and its parts (columns
+    only for parts some step records), evaluation; the total is preparation + every step's three numbers."""
+    from safeanchor.report import time_rows
+
+    rng = random.Random(_seed := random.SystemRandom().randrange(1 << 30))
+    steps = [{"after": "base", "eval_seconds": round(rng.uniform(1, 50), 1)}]
+    total = prep = round(rng.uniform(0, 40), 1)
+    total += steps[0]["eval_seconds"]
+    for name in ("medical", "legal"):
+        csm, refresh = round(rng.uniform(0, 60), 1), round(rng.uniform(0, 30), 1)
+        train = {"seconds": round(rng.uniform(10, 200), 1), "method_seconds": round(csm + refresh + 0.4, 1),
+                 "method_seconds_by_part": {"csm": csm, "refresh": refresh}}
+        steps.append({"after": name, "eval_seconds": round(rng.uniform(1, 90), 1), "train": train})
+        total += train["seconds"] + train["method_seconds"] + steps[-1]["eval_seconds"]
+    rows = time_rows({"steps": steps, "prepare": {"seconds": prep}})
+    assert rows[2] == "| after | train | method | of which csm | of which refresh | evaluation |", _seed
+    t = steps[2]["train"]
+    assert rows[6] == (f"| legal | {t['seconds']:.1f} | {t['method_seconds']:.1f} | "
+                       f"{t['method_seconds_by_part']['csm']:.1f} | {t['method_seconds_by_part']['refresh']:.1f} | "
+                       f"{steps[2]['eval_seconds']:.1f} |"), (_seed, rows)
+    assert rows[-2] == f"Method preparation (e.g. SSI) {prep:.1f} s; total {total:.1f} s.", (_seed, rows[-2], total)
+    del steps[1]["train"]["method_seconds_by_part"], steps[2]["train"]["method_seconds_by_part"]
+    assert "of which" not in time_rows({"steps": steps})[2]
+    assert time_rows({"steps": [{"after": "base"}]}) == []

@@ -111,6 +111,28 @@ def by_set_rows(results: dict, key: str = "refusal_by_set", title: str = BY_SET_
     return rows + [""]
 
 
+def time_rows(results: dict) -> list[str]:
+    """Seconds of work per step: training, the method's after-domain work (split by part where the method
+    records it, e.g. SafeAnchor's CSM and subspace refresh) and evaluation; [] for a run without timings."""
+    steps = results["steps"]
+    if not any("eval_seconds" in s for s in steps):
+        return []
+    parts = sorted({k for s in steps for k in s.get("train", {}).get("method_seconds_by_part", {})})
+    prepare = float((results.get("prepare") or {}).get("seconds", 0.0))
+    rows = ["Seconds of work (model loading not counted)", "",
+            "| after | train | method | " + "".join(f"of which {k} | " for k in parts) + "evaluation |",
+            "|" + "---|" * (4 + len(parts))]
+    for s in steps:
+        t = s.get("train", {})
+        by_part = t.get("method_seconds_by_part", {})
+        cells = [f"{t['seconds']:.1f}" if "seconds" in t else "",
+                 f"{t['method_seconds']:.1f}" if "method_seconds" in t else "",
+                 *(f"{by_part[k]:.1f}" if k in by_part else "" for k in parts),
+                 f"{s.get('eval_seconds', 0.0):.1f}"]
+        rows.append(f"| {s['after']} | " + " | ".join(cells) + " |")
+    return rows + ["", f"Method preparation (e.g. SSI) {prepare:.1f} s; total {wall_seconds(results):.1f} s.", ""]
+
+
 def judges_line(step: dict) -> str:
     """Which judge gave which number, from a results step (older runs: one ``judge``)."""
     refusal = step.get("refusal_judge") or step.get("judge", "?")
@@ -156,6 +178,7 @@ def write_report(run_dir: Path, results: dict) -> None:
         lines += [composite_note(results), ""]
     lines += by_set_rows(results)
     lines += by_set_rows(results, "refusal_by_category", BY_CATEGORY_TITLE)
+    lines += time_rows(results)
     (run_dir / "results.md").write_text("\n".join(lines))
     plot_refusal(run_dir / "refusal.png", {results["method"]: results})
 
