@@ -118,8 +118,8 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(tok, monkeypatch):
     reqs += [mc.Request(primer + "Q: Largest ocean?\nA:", c) for c in (" Pacific", " Atlantic")]
     calls = []
     real = mc.prefix_cache
-    def spy(model, prefix, batch, device):
-        cache = real(model, prefix, batch, device)
+    def spy(model, prefix, batch, device, length):
+        cache = real(model, prefix, batch, device, length)
         calls.append((len(prefix), cache is not None))
         return cache
 
@@ -150,7 +150,13 @@ def test_shared_prefix_under_a_sliding_window(tok, monkeypatch, window, shares):
     reqs = [mc.Request(primer, c) for c in (" Rome", " Milan, of course", " Turin")]
     calls = []
     real = mc.prefix_cache
-    monkeypatch.setattr(mc, "prefix_cache", lambda *a: calls.append(len(a[1])) or real(*a))
+    def spy(*a):
+        cache = real(*a)
+        if cache is not None:
+            calls.append(len(a[1]))
+        return cache
+
+    monkeypatch.setattr(mc, "prefix_cache", spy)
     got = mc.loglikelihoods(model, tok, reqs, batch_size=3, min_prefix=4)
     want = [reference_ll(model, tok, r.context, r.continuation) for r in reqs]
     assert [g for g, _ in got] == pytest.approx(want, rel=1e-6, abs=1e-5), f"seed {seed}: window {window}"

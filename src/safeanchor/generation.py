@@ -107,10 +107,14 @@ def prefix_fits_windows(config, length: int) -> bool:
     return not windows or length <= min(windows)
 
 
-def prefix_cache(model, prefix: list[int], batch: int, device):
+def prefix_cache(model, prefix: list[int], batch: int, device, length: int):
     """(forward keyword, KV cache of ``prefix`` repeated for ``batch`` rows), or None when the model
-    returns no usable cache. transformers >= 5.2x names it ``cache`` (in and out), older versions
-    ``past_key_values``: the keyword follows the name the output used."""
+    returns no usable cache or the cache, grown to ``length`` positions ([prefix][padding][rows] and any
+    generated tokens), would not fit a sliding window (``prefix_fits_windows``; nothing is computed then).
+    transformers >= 5.2x names it ``cache`` (in and out), older versions ``past_key_values``: the keyword
+    follows the name the output used."""
+    if not prefix_fits_windows(causal_lm(model).config, length):
+        return None
     ids = torch.tensor([prefix], device=device)
     try:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -166,9 +170,8 @@ def greedy_decode(model, rows: Sequence[Sequence[int]], max_new_tokens: int, eos
     if n == 0 or max_new_tokens < 1:
         return out
     shared = 0 if n < 2 else common_prefix(rows, min(len(r) for r in rows) - 1)
-    if shared and not prefix_fits_windows(config, max(len(r) for r in rows) + max_new_tokens):
-        shared = 0
-    past = prefix_cache(model, list(rows[0][:shared]), n, device) if shared else None
+    length = max(len(r) for r in rows) + max_new_tokens
+    past = prefix_cache(model, list(rows[0][:shared]), n, device, length) if shared else None
     if past is None:
         shared, past = 0, (cache_keyword(model), DynamicCache(config=config))
     ids, rest_mask = left_padded([r[shared:] for r in rows], pad_id)

@@ -369,7 +369,7 @@ def _domain_stage(ctx: Context, rec: _Recorder, t: int, domain) -> dict:
     t0 = time.time()
     method_rec = method.after_domain(ctx, t, domain.name)
     after_seconds = time.time() - t0
-    parts = method_rec.pop("seconds", None) if isinstance(method_rec, dict) else None
+    parts = method_rec.pop("seconds", None)
     adapter_rel = f"adapters/{t}-{domain.name}"
     if ctx.dist.is_main:
         method.save_adapter(ctx, ctx.run_dir / adapter_rel)

@@ -115,6 +115,8 @@ class Method:
         return {}
 
     def after_domain(self, ctx, t: int, domain: str) -> dict:
+        """Work after a domain's training; the record goes to the step's ``method``, except a ``seconds``
+        entry ({part: seconds}), which goes to the step's ``train.method_seconds_by_part``."""
         return {}
 
     def save_adapter(self, ctx, path) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SafeAnchorError
-from ..generation import causal_lm, common_prefix, left_padded, prefix_cache, prefix_fits_windows, tail_logits
+from ..generation import common_prefix, left_padded, prefix_cache, tail_logits
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,8 @@ def _batch_logits(model, rows: list[list[int]], keep: list[int], pad: int, devic
     k = max(keep)
     cap = min(len(r) - kp for r, kp in zip(rows, keep))  # the scored positions stay out of the prefix
     offset = common_prefix(rows, cap) if len(rows) > 1 else 0
-    if offset and not prefix_fits_windows(causal_lm(model).config, max(len(r) for r in rows)):
-        offset = 0  # padding after the prefix would shift a sliding window shorter than the rows
-    past = prefix_cache(model, rows[0][:offset], len(rows), device) if offset >= min_prefix else None
+    length = max(len(r) for r in rows)
+    past = prefix_cache(model, rows[0][:offset], len(rows), device, length) if offset >= min_prefix else None
     if past is None:
         offset = 0
     ids, mask = left_padded([r[offset:] for r in rows], pad)
